@@ -1,0 +1,8 @@
+"""``python -m llmprune --method sparsegpt|wanda|magnitude --model M ...``."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(None))

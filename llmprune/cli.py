@@ -1,0 +1,82 @@
+"""Command line: ``python -m llmprune.sparsegpt | llmprune.wanda | llmprune.magnitude``.
+
+Flags are generated from :class:`llmprune.config.PruneConfig`, so every flag is also a
+keyword of :func:`llmprune.prune`. Bad input prints one line to stderr and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import types
+import typing
+
+from .config import METHOD_NAMES, PruneConfig
+from .errors import UsageError
+
+
+def _flag_type(annotation: str):
+    base = annotation.replace(" | None", "")
+    return {"int": int, "float": float, "str": str, "bool": bool}[base]
+
+
+def build_parser(method: str | None) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per ``PruneConfig`` field (``--method`` only when ``method`` is None)."""
+    prog = f"python -m llmprune.{method}" if method else "python -m llmprune"
+    parser = argparse.ArgumentParser(prog=prog, description=f"One-shot pruning with {method or 'SparseGPT, Wanda or magnitude'}.")
+    for f in dataclasses.fields(PruneConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata["help"]
+        if f.name == "method":
+            if method is None:
+                parser.add_argument(flag, choices=METHOD_NAMES, default=f.default, help=help_text)
+            continue
+        kind = _flag_type(str(f.type))
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        else:
+            parser.add_argument(
+                flag, type=kind, default=f.default, required=f.metadata.get("required", False),
+                help=f"{help_text} (default: {f.default})" if f.default is not None else help_text,
+            )
+    parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
+    return parser
+
+
+def _format_table(result) -> str:
+    rows = [("", "perplexity", "tokens", "seqlen")]
+    for name, res in result.dense_ppl.items():
+        rows.append((f"dense {name}", f"{res.ppl:.3f}", str(res.n_tokens), str(res.seqlen)))
+    for name, res in result.pruned_ppl.items():
+        rows.append((f"pruned {name}", f"{res.ppl:.3f}", str(res.n_tokens), str(res.seqlen)))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.append(f"method {result.config.method}, pattern {result.pattern}, measured sparsity {result.sparsity:.4f}")
+    lines.append("time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))
+    return "\n".join(lines)
+
+
+def main(method: str | None = None, argv: list[str] | None = None) -> int:
+    """Parse flags, run :func:`llmprune.prune`, print the final table; return the exit code."""
+    from .pipeline import prune
+
+    args = vars(build_parser(method).parse_args(argv))
+    logging.basicConfig(level=args.pop("log_level").upper(), format="%(levelname)s %(name)s: %(message)s")
+    if method is not None:
+        args["method"] = method
+    model = args.pop("model")
+    try:
+        result = prune(model, **args)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was saved", file=sys.stderr)
+        return 130
+    print(_format_table(result))
+    if result.config.save:
+        print(f"checkpoint: {result.config.save}")
+    print(f"results: {result.results_path}")
+    return 0

@@ -1,0 +1,70 @@
+"""``PruneConfig``: every option of a pruning run, as one frozen dataclass.
+
+The CLI flags are generated from these fields (``llmprune.cli``), so the Python function
+``llmprune.prune(...)`` and ``python -m llmprune.<method>`` cannot drift apart. The config
+that produced a checkpoint is saved inside it and read back with :meth:`PruneConfig.from_dict`,
+which rejects unknown keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+METHOD_NAMES = ("sparsegpt", "wanda", "magnitude")
+
+
+def _opt(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """All options of one pruning run. Field docs are the CLI help texts."""
+
+    model: str = _opt(None, "Hub id, local folder, .gguf file, or the built-in alias smollm2-135m", required=True)
+    method: str = _opt("sparsegpt", "pruning method: sparsegpt, wanda or magnitude", cli=False)
+    sparsity: float | None = _opt(None, "fraction of weights removed, in [0, 1), for unstructured pruning")
+    pattern: str = _opt("unstructured", "'unstructured' or 'N:M' (at most N nonzeros in every M inputs, e.g. 2:4)")
+    dataset: str = _opt(
+        "c4", "calibration source: wikitext2, c4, ptb, wiki-summaries, or a .txt/.jsonl/.parquet/.pt/.safetensors/.npy file"
+    )
+    nsamples: int = _opt(128, "number of calibration windows")
+    seqlen: int = _opt(2048, "calibration window length in tokens (capped by the model's limit, with a warning)")
+    seed: int = _opt(0, "seed for the calibration windows")
+    eval: str = _opt("wikitext2", "comma-separated evaluation sources (same kinds as --dataset), or 'none'")
+    eval_seqlen: int | None = _opt(None, "evaluation window length (default: --seqlen)")
+    max_eval_tokens: int | None = _opt(None, "evaluate at most this many tokens per source (whole windows)")
+    dense_eval: bool = _opt(True, "also evaluate the dense model before pruning")
+    save: str | None = _opt(None, "write the pruned checkpoint (safetensors) to this folder")
+    overwrite: bool = _opt(False, "allow --save into an existing non-empty folder (replaced atomically)")
+    results: str | None = _opt(None, "write the results JSON here (default: <save>/llmprune_results.json if --save)")
+    device: str = _opt("auto", "compute device: auto, cpu, cuda, cuda:N")
+    dtype: str = _opt("auto", "model dtype: auto, float32, float16, bfloat16")
+    true_sequential: bool = _opt(False, "prune each input group (attention in, o_proj, MLP in, down) after the previous")
+    percdamp: float = _opt(0.01, "SparseGPT dampening, as a fraction of the mean Hessian diagonal")
+    blocksize: int = _opt(128, "SparseGPT column block size")
+    exclude: str = _opt("", "comma-separated patterns of matrix names inside a layer to leave dense, e.g. 'mlp.gate'")
+    trust_remote_code: bool = _opt(False, "allow model code from the Hub (off by default)")
+    revision: str | None = _opt(None, "Hub revision (branch, tag or commit) of --model")
+    progress: bool = _opt(True, "show progress bars")
+
+    @property
+    def eval_sources(self) -> list[str]:
+        names = [s.strip() for s in self.eval.split(",") if s.strip()]
+        return [] if names in ([], ["none"]) else names
+
+    @property
+    def exclude_patterns(self) -> tuple[str, ...]:
+        return tuple(s.strip() for s in self.exclude.split(",") if s.strip())
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PruneConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown PruneConfig keys {unknown}; known keys: {sorted(known)}")
+        return cls(**data)

@@ -1,0 +1,90 @@
+"""Where tensors live: the one module that moves weights and activations between devices.
+
+The pipeline keeps the model on the CPU and brings one decoder layer at a time to the
+compute device (``--device``); the modules outside the decoder stack (embeddings, rotary
+tables, final norm, lm_head) go to the compute device for the capture and evaluation passes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import resource
+import sys
+
+import torch
+from torch import nn
+
+from .errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """Parse ``"auto" | "cpu" | "cuda" | "cuda:N" | "mps"``; ``auto`` picks CUDA when present."""
+    if isinstance(device, torch.device):
+        return device
+    text = str(device).strip().lower()
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        parsed = torch.device(text)
+    except RuntimeError:
+        raise UsageError(f"unknown device {device!r}: expected auto, cpu, cuda, cuda:N or mps") from None
+    if parsed.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"unknown device {device!r}: expected auto, cpu, cuda, cuda:N or mps")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
+    return parsed
+
+
+def _move_own_tensors(module: nn.Module, device: torch.device) -> None:
+    # Parameters are moved through .data so that tied weights (lm_head / embed_tokens share
+    # one Parameter) stay tied and are moved once.
+    for param in module.parameters(recurse=False):
+        if param.device != device:
+            param.data = param.data.to(device)
+    for name, buffer in module.named_buffers(recurse=False):
+        if buffer is not None and buffer.device != device:
+            module._buffers[name] = buffer.to(device)
+
+
+def move_all_but_layers(model: nn.Module, layers: nn.ModuleList, device: torch.device) -> None:
+    """Move every parameter and buffer that is not inside ``layers`` to ``device``, in place."""
+    inside = {id(m) for layer in layers for m in layer.modules()}
+    for module in model.modules():
+        if id(module) not in inside:
+            _move_own_tensors(module, device)
+
+
+def move_module(module: nn.Module, device: torch.device) -> nn.Module:
+    """Move one module (a decoder layer) to ``device`` in place and return it."""
+    for sub in module.modules():
+        _move_own_tensors(sub, device)
+    return module
+
+
+def empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def peak_memory_bytes(device: torch.device) -> dict[str, int]:
+    """Peak host RSS of this process and, on CUDA, peak allocated device memory."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = {"host_rss_bytes": rss if sys.platform == "darwin" else rss * 1024}
+    if device.type == "cuda":
+        peak["device_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    return peak
+
+
+@contextlib.contextmanager
+def explain_out_of_memory(where: str):
+    """Turn an accelerator out-of-memory error into one that says where and what to lower."""
+    try:
+        yield
+    except torch.OutOfMemoryError as error:
+        raise RuntimeError(
+            f"out of memory on the compute device while {where}; lower --nsamples or --seqlen, "
+            "or run with --device cpu"
+        ) from error

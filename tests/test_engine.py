@@ -1,0 +1,217 @@
+"""The layer-wise engine on tiny random models of eight architecture families.
+
+Oracles are independent of the engine: a plain forward of the (pruned) model with hooks
+on its decoder layers gives the arguments every layer really receives and the output of
+the last decoder layer; the engine's captured arguments and propagated hidden states must
+match them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+
+from llmprune import engine
+from llmprune.arch import check_pattern_fits, find_decoder_layers, prunable_matrices
+from llmprune.errors import UsageError
+from llmprune.solvers import METHODS
+from llmprune.spec import NM, Unstructured
+
+SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4)
+
+
+def _configs() -> dict:
+    return {
+        # grouped-query attention and tied embeddings
+        "llama": tf.LlamaConfig(**SMALL, num_key_value_heads=2, tie_word_embeddings=True),
+        "mistral": tf.MistralConfig(**SMALL, num_key_value_heads=2, sliding_window=8),
+        "qwen2": tf.Qwen2Config(**SMALL, num_key_value_heads=2),
+        "gemma3": tf.Gemma3TextConfig(
+            **{**SMALL, "num_hidden_layers": 4},
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=6,
+            layer_types=["sliding_attention", "full_attention"] * 2,
+        ),
+        "phi3": tf.Phi3Config(**SMALL, num_key_value_heads=2, pad_token_id=0),
+        "opt": tf.OPTConfig(
+            vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
+            word_embed_proj_dim=64, max_position_embeddings=64,
+        ),
+        "gpt_neox": tf.GPTNeoXConfig(**SMALL, rotary_pct=0.5),
+        "gpt2": tf.GPT2Config(vocab_size=128, n_embd=64, n_layer=3, n_head=4, n_positions=64),
+    }
+
+
+FAMILIES = list(_configs())
+
+
+def build(family: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = _configs()[family]
+    config._attn_implementation = "eager"
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    return model
+
+
+def tokens(n: int = 4, seqlen: int = 16, seed: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 128, (n, seqlen), generator=gen)
+
+
+def record_real_calls(model, layers, ids):
+    """Arguments each layer really gets and the last layer's output, from plain forwards."""
+    calls = [[] for _ in layers]
+    last_out = []
+    handles = []
+    for index, layer in enumerate(layers):
+        def pre(module, args, kwargs, index=index):
+            calls[index].append((args, dict(kwargs)))
+        handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+    handles.append(layers[-1].register_forward_hook(
+        lambda m, a, out: last_out.append(out[0] if isinstance(out, tuple) else out)))
+    with torch.no_grad():
+        for row in ids:
+            model(input_ids=row.unsqueeze(0), use_cache=False)
+    for h in handles:
+        h.remove()
+    return calls, last_out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_capture_records_what_each_layer_receives(family):
+    model = build(family)
+    _, layers = find_decoder_layers(model)
+    ids = tokens()
+    captured = engine.capture_layer_calls(model, layers, ids, torch.device("cpu"), show_progress=False)
+    real, _ = record_real_calls(model, layers, ids)
+    for index in range(len(layers)):
+        for sample in range(len(ids)):
+            args, kwargs = real[index][sample]
+            call = captured.calls[index][sample]
+            if index == 0:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                assert torch.equal(captured.hidden[sample], hidden)
+            rest = args[1:] if call.hidden_key == 0 else args
+            kwargs = {k: v for k, v in kwargs.items() if k != call.hidden_key}
+            assert engine._same(call.args, tuple(rest)), f"layer {index} positional args differ"
+            assert engine._same(call.kwargs, kwargs), f"layer {index} keyword args differ"
+
+
+def test_gemma3_local_and_global_layers_get_different_arguments():
+    model = build("gemma3")
+    _, layers = find_decoder_layers(model)
+    captured = engine.capture_layer_calls(model, layers, tokens(2, 16), torch.device("cpu"), show_progress=False)
+    local, global_ = captured.calls[0][0], captured.calls[1][0]
+    cos_local, cos_global = local.kwargs["position_embeddings"][0], global_.kwargs["position_embeddings"][0]
+    assert not torch.allclose(cos_local, cos_global), "rotary tables of sliding and full layers must differ"
+    # layers of the same type share one stored object across samples and layers
+    assert captured.calls[0][0] is captured.calls[0][1]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_pruned_model_matches_propagated_hidden_states(family, method):
+    model = build(family)
+    _, layers = find_decoder_layers(model)
+    ids = tokens()
+    captured = engine.capture_layer_calls(model, layers, ids, torch.device("cpu"), show_progress=False)
+    reports = engine.prune_layers(
+        layers, captured, METHODS[method], NM(2, 4), torch.device("cpu"),
+        options={"blocksize": 32} if method == "sparsegpt" else {}, show_progress=False,
+    )
+    # Pattern: every prunable matrix has at most 2 nonzeros in every 4 inputs.
+    for layer in layers:
+        for matrix in prunable_matrices(layer):
+            weight = matrix.read_weight()
+            groups = (weight != 0).reshape(weight.shape[0], -1, 4).sum(-1)
+            assert groups.max() <= 2, matrix.name
+    # Each layer ran exactly two calibration forwards (statistics, propagation).
+    assert all(r.forward_passes == 2 for r in reports)
+    assert all(r.output_rel_error is not None and 0 < r.output_rel_error < 1.5 for r in reports)
+    # The engine's final hidden states are what the pruned model really computes.
+    _, last_out = record_real_calls(model, layers, ids)
+    for sample in range(len(ids)):
+        torch.testing.assert_close(captured.hidden[sample], last_out[sample], rtol=1e-5, atol=1e-5)
+
+
+def test_shared_inputs_share_one_statistic_and_groups_follow_call_order():
+    model = build("llama")
+    _, layers = find_decoder_layers(model)
+    captured = engine.capture_layer_calls(model, layers, tokens(3), torch.device("cpu"), show_progress=False)
+    created = []
+
+    class CountingHessian(METHODS["sparsegpt"].stat_cls):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            created.append(self)
+
+    method = METHODS["sparsegpt"]
+    counting = type(method)(name=method.name, stat_cls=CountingHessian, solve=method.solve)
+    reports = engine.prune_layers(layers, captured, counting, Unstructured(0.5), torch.device("cpu"), show_progress=False)
+    assert reports[0].groups == [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+        ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"],
+        ["mlp.down_proj"],
+    ]
+    assert len(created) == 4 * len(layers)
+    assert all(stat.n_samples == 3 for stat in created)
+
+
+def test_true_sequential_adds_one_forward_per_group_and_differs():
+    ids = tokens()
+    results = {}
+    for sequential in (False, True):
+        model = build("llama")
+        _, layers = find_decoder_layers(model)
+        captured = engine.capture_layer_calls(model, layers, ids, torch.device("cpu"), show_progress=False)
+        reports = engine.prune_layers(
+            layers, captured, METHODS["sparsegpt"], Unstructured(0.5), torch.device("cpu"),
+            true_sequential=sequential, show_progress=False,
+        )
+        results[sequential] = (reports, layers[1].mlp.down_proj.weight.clone())
+    assert [r.forward_passes for r in results[True][0]] == [5] * 3
+    assert not torch.equal(results[False][1], results[True][1])
+
+
+def test_unstructured_sparsity_is_exact_per_matrix():
+    model = build("qwen2")
+    _, layers = find_decoder_layers(model)
+    captured = engine.capture_layer_calls(model, layers, tokens(), torch.device("cpu"), show_progress=False)
+    reports = engine.prune_layers(layers, captured, METHODS["wanda"], Unstructured(0.7), torch.device("cpu"), show_progress=False)
+    for report in reports:
+        for m in report.matrices:
+            out, inp = m.shape
+            # Wanda compares per output row: each row loses exactly int(in * 0.7) weights.
+            assert m.sparsity == pytest.approx(out * int(inp * 0.7) / (out * inp), abs=1e-9), m.name
+
+
+def test_excluded_matrices_stay_dense():
+    model = build("llama")
+    _, layers = find_decoder_layers(model)
+    before = layers[0].mlp.down_proj.weight.clone()
+    captured = engine.capture_layer_calls(model, layers, tokens(2), torch.device("cpu"), show_progress=False)
+    engine.prune_layers(layers, captured, METHODS["wanda"], NM(2, 4), torch.device("cpu"),
+                        exclude=("mlp.down_proj",), show_progress=False)
+    assert torch.equal(layers[0].mlp.down_proj.weight, before)
+    assert (layers[0].mlp.up_proj.weight == 0).float().mean() == 0.5
+
+
+def test_magnitude_needs_no_data_and_gpt2_conv1d_is_pruned_along_inputs():
+    model = build("gpt2")
+    _, layers = find_decoder_layers(model)
+    reports = engine.prune_without_data(layers, METHODS["magnitude"], NM(2, 4), torch.device("cpu"), show_progress=False)
+    weight = layers[0].mlp.c_proj.weight  # Conv1D: [in=256, out=64]
+    assert weight.shape == (256, 64)
+    groups = (weight.t() != 0).reshape(64, -1, 4).sum(-1)
+    assert groups.max() <= 2 and groups.min() == 2
+    assert {m.name for m in reports[0].matrices} == {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"}
+
+
+def test_pattern_that_does_not_divide_names_the_layer():
+    model = build("llama")
+    _, layers = find_decoder_layers(model)
+    with pytest.raises(UsageError, match=r"layer 0 self_attn.q_proj.*64.*multiple of 48"):
+        check_pattern_fits(layers, NM(3, 48))
