@@ -1,0 +1,116 @@
+"""Mask selection shared by every solver, the result they all return, and their input checks.
+
+Mask convention: ``True`` means *keep* the weight (the wanda and sparsegpt reference code and
+llm-compressor use ``True`` = prune; mixing the two is a classic bug).
+
+Ties: scores are ranked with a stable sort, so among equal scores the one with the lower
+index (row-major over the group) is removed first. The dequantized GGUF weights sit on a
+4-bit grid and tie a lot; ``topk`` or a ``score <= threshold`` rule would make the choice,
+and for the threshold rule even the count, depend on the ties. Same input on the same
+device => bitwise the same mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from llmprune.errors import UsageError
+from llmprune.spec import NM, Pattern, Unstructured
+
+
+@dataclass(frozen=True)
+class SolveResult:
+    """What every solver returns.
+
+    weight: [out, in], the dtype and device of the input weight; pruned entries exactly 0
+        (kept entries may be 0 too, e.g. dead input channels zeroed by SparseGPT).
+    mask:   [out, in] bool on the same device, ``True`` = keep.
+    error:  the method's own reconstruction-loss estimate (SparseGPT: sum of OBS losses),
+        or ``None`` for methods without one.
+    """
+
+    weight: Tensor
+    mask: Tensor
+    error: float | None = None
+
+
+def keep_mask_unstructured(score: Tensor, sparsity: float, dim: int | None = None) -> Tensor:
+    """Keep mask that removes exactly ``int(group_size * sparsity)`` lowest scores per group.
+
+    score: any shape, any real dtype (not modified). ``dim=None``: the whole tensor is one group
+    (ties broken by row-major flat index); otherwise each slice along ``dim`` is a group.
+    NaN scores rank highest (kept). Returns a bool tensor of ``score``'s shape, ``True`` = keep.
+    """
+    if dim is None:
+        flat = score.reshape(-1)
+        keep = torch.ones(flat.shape, dtype=torch.bool, device=score.device)
+        k = int(flat.numel() * sparsity)
+        if k > 0:
+            keep[torch.argsort(flat, stable=True)[:k]] = False
+        return keep.view(score.shape)
+    keep = torch.ones(score.shape, dtype=torch.bool, device=score.device)
+    k = int(score.shape[dim] * sparsity)
+    if k > 0:
+        order = torch.argsort(score, dim=dim, stable=True)
+        keep.scatter_(dim, order.narrow(dim, 0, k), False)
+    return keep
+
+
+def keep_mask_nm(score: Tensor, n: int, m: int) -> Tensor:
+    """Keep mask with the ``n`` highest scores of every ``m`` consecutive entries of the last dim.
+
+    score: [..., cols] with ``cols % m == 0`` (not modified). Returns bool of the same shape,
+    ``True`` = keep; each group loses exactly ``m - n`` entries (the lowest-indexed on ties).
+    """
+    cols = score.shape[-1]
+    if cols % m:
+        raise ValueError(f"keep_mask_nm: last dim {cols} is not a multiple of m={m}")
+    grouped = score.reshape(*score.shape[:-1], cols // m, m)  # (..., groups, m)
+    order = torch.argsort(grouped, dim=-1, stable=True)
+    keep = torch.ones(grouped.shape, dtype=torch.bool, device=score.device)
+    keep.scatter_(-1, order[..., : m - n], False)
+    return keep.view(score.shape)
+
+
+def keep_mask(score: Tensor, pattern: Pattern, row_groups: bool) -> Tensor:
+    """Keep mask of a [out, in] score for ``pattern``.
+
+    Unstructured: one comparison group per output row if ``row_groups`` else the whole
+    tensor. N:M: groups of ``m`` consecutive input columns in each row.
+    """
+    if isinstance(pattern, NM):
+        return keep_mask_nm(score, pattern.n, pattern.m)
+    return keep_mask_unstructured(score, float(pattern.sparsity), dim=-1 if row_groups else None)
+
+
+def check_weight(weight: Tensor, pattern: Pattern) -> None:
+    """Reject what no solver can handle: not a 2-D float tensor, NaN/Inf, or N:M that does
+    not divide ``in_features`` (``UsageError`` naming the shape; the caller adds the layer)."""
+    if not isinstance(pattern, (Unstructured, NM)):
+        raise TypeError(f"pattern must be Unstructured or NM, got {pattern!r}")
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(
+            f"weight must be a 2-D float tensor [out_features, in_features], "
+            f"got shape {tuple(weight.shape)} dtype {weight.dtype}"
+        )
+    if isinstance(pattern, NM) and weight.shape[1] % pattern.m:
+        raise UsageError(
+            f"pattern {pattern} needs in_features divisible by {pattern.m}, but the weight "
+            f"[out_features, in_features] has shape {tuple(weight.shape)}"
+        )
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError(f"weight of shape {tuple(weight.shape)} contains NaN or Inf")
+
+
+def is_dense(pattern: Pattern) -> bool:
+    """True for ``Unstructured(0)``: the solvers return the weight unchanged."""
+    return isinstance(pattern, Unstructured) and float(pattern.sparsity) == 0.0
+
+
+def unchanged(weight: Tensor, error: float | None = None) -> SolveResult:
+    """Result for sparsity 0: a copy of the weight and an all-True mask."""
+    keep = torch.ones(weight.shape, dtype=torch.bool, device=weight.device)
+    return SolveResult(weight.detach().clone(), keep, error)

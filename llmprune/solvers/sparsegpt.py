@@ -1,0 +1,157 @@
+"""SparseGPT (Frantar & Alistarh 2023): mask choice and OBS weight reconstruction per column block.
+
+Follows IST-DASLab/sparsegpt ``sparsegpt.py`` (``SparseGPT.fasterprune``) and llm-compressor
+``modifiers/pruning/sparsegpt/sgpt_sparsify.py``. Deliberate differences: the unstructured
+block mask removes exactly ``int(block_numel * sparsity)`` weights (the reference's
+``score <= sorted[k]`` removes k + 1, more on ties); ties go to the lower index; H^-1 comes
+from ``cholesky_solve`` (see ``_upper_cholesky_of_inverse``); a failed Cholesky is retried with
+more dampening instead of crashing (IST) or silently using the identity (llm-compressor).
+With the mask rule aside, the output matches the IST procedure to fp32 rounding.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import Tensor
+
+from llmprune.errors import UsageError
+from llmprune.solvers.masks import (
+    SolveResult,
+    check_weight,
+    is_dense,
+    keep_mask_nm,
+    keep_mask_unstructured,
+    unchanged,
+)
+from llmprune.spec import NM, Pattern
+
+# Each retry multiplies the dampening by 10, so the last try adds up to 1e4 x percdamp.
+_DAMP_RETRIES = 4
+
+
+def sparsegpt_prune(
+    weight: Tensor,
+    hessian: Tensor,
+    pattern: Pattern,
+    *,
+    percdamp: float = 0.01,
+    blocksize: int = 128,
+) -> SolveResult:
+    """Prune ``weight`` to ``pattern`` and update the kept weights to compensate (OBS).
+
+    weight: [out, in], any float dtype and device; not modified. Computed in fp32, cast back.
+    hessian: [in, in], ``(2 / n_samples) * sum X^T X`` (``HessianStat.value()``); copied to fp32
+        on the weight's device; not modified. Input channels with ``H[i, i] == 0`` are dead:
+        their weights are zeroed.
+    percdamp: fraction of ``mean(diag(H))`` added to the diagonal before inversion; if a
+        Cholesky factorisation fails it is retried with 10x more (a ``RuntimeWarning`` each
+        time), and ``ValueError`` is raised after ``_DAMP_RETRIES`` retries.
+    blocksize: columns per lazy-update block (the last may be partial); for NM(n, m) it must
+        be a multiple of ``m``.
+    Unstructured(s): each column block loses exactly ``int(out * block * s)`` weights of
+    smallest ``w^2 / [H^-1]_jj``, chosen once per block. NM(n, m): each group of ``m`` columns
+    loses ``m - n`` per row, chosen when the block reaches the group.
+    Returns weight (input dtype, pruned entries exactly 0), mask ``True`` = keep, and error =
+    the summed OBS losses ``sum (w - q)^2 / [H^-1]_jj / 2``.
+    """
+    check_weight(weight, pattern)
+    rows, cols = weight.shape
+    if tuple(hessian.shape) != (cols, cols):
+        raise ValueError(
+            f"hessian must have shape ({cols}, {cols}) to match weight {tuple(weight.shape)}, "
+            f"got {tuple(hessian.shape)}"
+        )
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
+        raise UsageError(f"blocksize must be a positive integer, got {blocksize!r}")
+    if isinstance(pattern, NM) and blocksize % pattern.m:
+        raise UsageError(f"blocksize {blocksize} must be a multiple of M={pattern.m} for pattern {pattern}")
+    if not (isinstance(percdamp, (int, float)) and math.isfinite(percdamp) and percdamp >= 0):
+        raise UsageError(f"percdamp must be a finite number >= 0, got {percdamp!r}")
+    if is_dense(pattern):
+        return unchanged(weight, 0.0)
+
+    W = weight.detach().to(dtype=torch.float32, copy=True)  # (out, in)
+    H = hessian.detach().to(device=W.device, dtype=torch.float32, copy=True)  # (in, in)
+    diag = H.diagonal()  # view: writes go into H
+    if not bool(torch.isfinite(H).all()) or bool((diag < 0).any()):
+        raise ValueError("hessian must be finite with a non-negative diagonal")
+    dead = diag == 0  # input channels that never saw a non-zero activation
+    diag[dead] = 1.0
+    W[:, dead] = 0.0
+    Hinv = _upper_cholesky_of_inverse(H, float(percdamp))  # (in, in) upper triangular
+    del H  # only Hinv is needed from here on; drop the in x in copy before the column loop
+
+    keep = torch.ones(rows, cols, dtype=torch.bool, device=W.device)
+    loss = torch.zeros((), dtype=torch.float64, device=W.device)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()  # (out, b); ends up holding the pruned/updated block
+        Hinv1 = Hinv[i1:i2, i1:i2]  # (b, b)
+        d1 = Hinv1.diagonal()  # (b,)
+        Err1 = torch.zeros_like(W1)  # (out, b) scaled errors for the lazy update
+        if isinstance(pattern, NM):
+            keep1 = torch.ones_like(W1, dtype=torch.bool)
+        else:
+            keep1 = keep_mask_unstructured(W1.square() / d1.square(), float(pattern.sparsity))
+        for i in range(i2 - i1):
+            if isinstance(pattern, NM) and i % pattern.m == 0:
+                # i1 is a multiple of m, so column groups align with absolute i % m == 0
+                j = i + pattern.m
+                keep1[:, i:j] = keep_mask_nm(W1[:, i:j].square() / d1[i:j].square(), pattern.n, pattern.m)
+            w = W1[:, i]  # (out,)
+            q = torch.where(keep1[:, i], w, 0.0)
+            err = (w - q) / d1[i]  # (out,)
+            # OBS update of this and the remaining columns of the block
+            W1[:, i:].addmm_(err.unsqueeze(1), Hinv1[i, i:].unsqueeze(0), alpha=-1.0)
+            W1[:, i] = q  # exactly q (the update leaves rounding residue in pruned entries)
+            Err1[:, i] = err
+        loss += Err1.square().sum(dtype=torch.float64) / 2
+        W[:, i1:i2] = W1
+        keep[:, i1:i2] = keep1
+        # lazy batch update of all columns after the block
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1.0)
+
+    out = W.to(weight.dtype).masked_fill_(~keep, 0)
+    return SolveResult(out, keep, float(loss))
+
+
+def _upper_cholesky_of_inverse(H: Tensor, percdamp: float) -> Tensor:
+    """Upper Cholesky factor U of (H + damp * I)^-1, with damp = percdamp * mean(diag(H)).
+
+    H: [in, in] fp32, the caller's own copy: its diagonal is dampened in place. Row j of U is
+    row j of the inverse Hessian of columns j.. (after eliminating 0..j-1) over sqrt of its
+    diagonal, which is what the column-by-column OBS updates need.
+    """
+    diag = H.diagonal()  # view into H
+    undamped = diag.clone()  # (in,): each retry dampens the original diagonal afresh
+    scale = undamped.mean()
+    frac = percdamp
+    for attempt in range(_DAMP_RETRIES + 1):
+        diag.copy_(undamped + frac * scale)
+        L, info = torch.linalg.cholesky_ex(H)
+        if int(info) == 0:
+            # cholesky_solve(I, L) rather than the reference's cholesky_inverse(L): same H^-1
+            # (max diff 5e-7 at n=1536), but torch's CPU cholesky_inverse took 22 s there
+            # against 0.4 s for the solve (2 cores).
+            eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_solve(eye, L), upper=True)
+            del eye
+            if int(info) == 0 and bool(torch.isfinite(U).all()):
+                return U
+        if attempt == _DAMP_RETRIES:
+            break
+        next_frac = frac * 10 if frac > 0 else 0.01
+        warnings.warn(
+            f"SparseGPT: Hessian not positive definite with percdamp={frac:g}; "
+            f"retrying with percdamp={next_frac:g}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        frac = next_frac
+    raise ValueError(
+        f"SparseGPT: Hessian of size {H.shape[0]} is not positive definite even with "
+        f"percdamp={frac:g}; use more calibration samples or a larger percdamp"
+    )

@@ -1,0 +1,97 @@
+"""Statistics accumulated from a Linear's inputs during calibration, always in fp32.
+
+One ``update(x)`` per calibration forward pass. As in the reference code (IST-DASLab/sparsegpt
+``SparseGPT.add_batch``, locuslab/wanda ``WrappedGPT.add_batch``) a "sample" is one entry of
+the batch dimension: ``x`` of shape [batch, seq, in] adds ``batch`` samples, a 2-D [tokens, in]
+(or 1-D) ``x`` adds one. The running means are kept in the references' form so the values
+match theirs. ``value()`` returns the live buffer (no copy: the Hessian of a 14336-wide MLP is
+820 MB); drop the stat object once its layer is pruned to free it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+class _InputStat:
+    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
+        if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
+            raise ValueError(f"in_features must be a positive integer, got {in_features!r}")
+        self.in_features = in_features
+        self.device = torch.device(device)
+        self.n_samples = 0
+        self.n_tokens = 0
+
+    def _tokens(self, x: Tensor) -> tuple[Tensor, int]:
+        """Validate ``x`` [..., in] and return it as fp32 [tokens, in] on our device, with its
+        sample count."""
+        if not x.is_floating_point() or x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{type(self).__name__}: expected float activations [..., {self.in_features}], "
+                f"got shape {tuple(x.shape)} dtype {x.dtype}"
+            )
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(
+                f"{type(self).__name__}: non-finite activations (NaN or Inf) in an input of shape "
+                f"{tuple(x.shape)} dtype {x.dtype}; the model overflows on the calibration data "
+                "(try float32 or bfloat16)"
+            )
+        samples = x.shape[0] if x.dim() >= 3 else 1
+        tokens = x.detach().reshape(-1, self.in_features).to(device=self.device, dtype=torch.float32)
+        return tokens, samples
+
+    def _check_ready(self) -> None:
+        if self.n_samples == 0:
+            raise ValueError(f"{type(self).__name__}: no activations were accumulated (update never called)")
+
+
+class HessianStat(_InputStat):
+    """SparseGPT's Hessian ``H = (2 / n_samples) * sum X^T X`` over all input tokens X [tokens, in]."""
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
+        super().__init__(in_features, device)
+        self._h = torch.zeros(in_features, in_features, dtype=torch.float32, device=self.device)
+
+    def update(self, x: Tensor) -> None:
+        """Add one calibration forward's inputs. x: [..., in], any float dtype and device; not modified.
+        Raises ValueError on a shape mismatch or NaN/Inf."""
+        tokens, samples = self._tokens(x)  # (T, in) fp32
+        if tokens.shape[0] == 0:
+            return
+        self._h *= self.n_samples / (self.n_samples + samples)
+        self.n_samples += samples
+        self.n_tokens += tokens.shape[0]
+        tokens = tokens * math.sqrt(2 / self.n_samples)
+        self._h.addmm_(tokens.T, tokens)
+
+    def value(self) -> Tensor:
+        """[in, in] fp32 on ``device``, symmetric. The live buffer: do not modify it."""
+        self._check_ready()
+        return self._h
+
+
+class ColumnNormStat(_InputStat):
+    """Wanda's ``scaler_row``: squared L2 norm of each input feature over all tokens, / n_samples."""
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
+        super().__init__(in_features, device)
+        self._s = torch.zeros(in_features, dtype=torch.float32, device=self.device)
+
+    def update(self, x: Tensor) -> None:
+        """Add one calibration forward's inputs. x: [..., in], any float dtype and device; not modified.
+        Raises ValueError on a shape mismatch or NaN/Inf."""
+        tokens, samples = self._tokens(x)  # (T, in) fp32
+        if tokens.shape[0] == 0:
+            return
+        self._s *= self.n_samples / (self.n_samples + samples)
+        self.n_samples += samples
+        self.n_tokens += tokens.shape[0]
+        self._s += tokens.square().sum(dim=0) / self.n_samples
+
+    def value(self) -> Tensor:
+        """[in] fp32 on ``device``, >= 0. The live buffer: do not modify it."""
+        self._check_ready()
+        return self._s

@@ -1,0 +1,83 @@
+"""Calibration statistics against direct computation on the concatenated inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmprune.stats import ColumnNormStat, HessianStat
+
+IN = 6
+
+
+def _batches(dtype=torch.float32):
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(2, 5, IN), (1, 7, IN), (6, IN), (3, 1, IN)]  # a 2-D input counts as one sample
+    return [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+
+
+def _direct(batches):
+    """(n_samples, n_tokens, X [tokens, in] float64) straight from the definitions."""
+    n_samples = sum(b.shape[0] if b.dim() == 3 else 1 for b in batches)
+    X = torch.cat([b.double().reshape(-1, IN) for b in batches])
+    return n_samples, X.shape[0], X
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_hessian_matches_direct_computation(dtype):
+    batches = _batches(dtype)
+    stat = HessianStat(IN)
+    for b in batches:
+        stat.update(b)
+    n_samples, n_tokens, X = _direct(batches)
+    assert (stat.n_samples, stat.n_tokens) == (n_samples, n_tokens) == (7, 26)
+    H = stat.value()
+    assert H.dtype == torch.float32 and H.shape == (IN, IN)
+    torch.testing.assert_close(H.double(), 2.0 / n_samples * X.T @ X, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_column_norm_matches_direct_computation(dtype):
+    batches = _batches(dtype)
+    stat = ColumnNormStat(IN)
+    for b in batches:
+        stat.update(b)
+    n_samples, n_tokens, X = _direct(batches)
+    assert (stat.n_samples, stat.n_tokens) == (n_samples, n_tokens)
+    s = stat.value()
+    assert s.dtype == torch.float32 and s.shape == (IN,)
+    torch.testing.assert_close(s.double(), (X**2).sum(0) / n_samples, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [HessianStat, ColumnNormStat])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_activations_raise_and_leave_stat_untouched(cls, bad):
+    stat = cls(IN)
+    stat.update(torch.ones(1, 3, IN))
+    before = stat.value().clone()
+    x = torch.ones(1, 3, IN, dtype=torch.float16)
+    x[0, 1, 2] = bad
+    with pytest.raises(ValueError, match="non-finite activations"):
+        stat.update(x)
+    assert stat.n_samples == 1 and stat.n_tokens == 3
+    assert torch.equal(stat.value(), before)
+
+
+@pytest.mark.parametrize("cls", [HessianStat, ColumnNormStat])
+def test_shape_mismatch_and_empty_stat_raise(cls):
+    stat = cls(IN)
+    with pytest.raises(ValueError, match="no activations"):
+        stat.value()
+    with pytest.raises(ValueError, match=str(IN)):
+        stat.update(torch.ones(1, 3, IN + 1))
+    with pytest.raises(ValueError):
+        stat.update(torch.ones(1, 3, IN, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("cls", [HessianStat, ColumnNormStat])
+def test_update_does_not_modify_input(cls):
+    x = torch.randn(2, 4, IN, dtype=torch.bfloat16)
+    copy = x.clone()
+    stat = cls(IN, device="cpu")
+    stat.update(x)
+    assert torch.equal(x, copy)
