@@ -60,13 +60,15 @@ def _format_table(result) -> str:
 
 def main(method: str | None = None, argv: list[str] | None = None) -> int:
     """Parse flags, run :func:`llmprune.prune`, print the final table; return the exit code."""
-    from .pipeline import prune
+    from .pipeline import default_results_path, prune
 
     args = vars(build_parser(method).parse_args(argv))
     logging.basicConfig(level=args.pop("log_level").upper(), format="%(levelname)s %(name)s: %(message)s")
     if method is not None:
         args["method"] = method
     model = args.pop("model")
+    if args["results"] is None:
+        args["results"] = default_results_path(model, args["method"], args["pattern"], args["sparsity"])
     try:
         result = prune(model, **args)
     except UsageError as error:

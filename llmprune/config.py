@@ -38,7 +38,7 @@ class PruneConfig:
     dense_eval: bool = _opt(True, "also evaluate the dense model before pruning")
     save: str | None = _opt(None, "write the pruned checkpoint (safetensors) to this folder")
     overwrite: bool = _opt(False, "allow --save into an existing non-empty folder (replaced atomically)")
-    results: str | None = _opt(None, "write the results JSON here (default: <save>/llmprune_results.json if --save)")
+    results: str | None = _opt(None, "write the results JSON here (CLI default: llmprune-results/<model>-<method>-<pattern>-<time>.json)")
     device: str = _opt("auto", "compute device: auto, cpu, cuda, cuda:N")
     dtype: str = _opt("auto", "model dtype: auto, float32, float16, bfloat16")
     true_sequential: bool = _opt(False, "prune each input group (attention in, o_proj, MLP in, down) after the previous")

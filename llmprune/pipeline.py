@@ -222,14 +222,14 @@ def prune(model: str | None = None, *, tokenizer=None, loaded_model=None, **opti
         start = time.perf_counter()
         save_dense(model_obj, tokenizer, config.save, result.to_dict(), overwrite=config.overwrite)
         seconds["save"] = time.perf_counter() - start
-    result.results_path = Path(config.results or default_results_path(config, pattern))
-    write_json_atomic(result.results_path, result.to_dict())
+    if config.results is not None:
+        result.results_path = write_json_atomic(config.results, result.to_dict())
     return result
 
 
-def default_results_path(config: PruneConfig, pattern: Pattern) -> Path:
-    """``llmprune-results/<model>-<method>-<pattern>-<UTC time>.json`` in the working folder."""
-    name = Path(str(config.model).rstrip("/")).name.replace(".gguf", "")
-    tag = str(pattern).replace(":", "of").replace("(", "").replace(")", "")
+def default_results_path(model: str, method: str, pattern: str, sparsity: float | None) -> str:
+    """``llmprune-results/<model>-<method>-<pattern>-<UTC time>.json`` (the CLI's default)."""
+    name = Path(str(model).rstrip("/")).name.replace(".gguf", "")
+    tag = pattern.replace(":", "of") if pattern != "unstructured" else f"unstructured{sparsity}"
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    return Path("llmprune-results") / f"{name}-{config.method}-{tag}-{stamp}.json"
+    return str(Path("llmprune-results") / f"{name}-{method}-{tag}-{stamp}.json")
