@@ -18,4 +18,18 @@ def prune(model=None, **options):
     return _prune(model, **options)
 
 
-__all__ = ["NM", "PruneConfig", "Unstructured", "UsageError", "parse_pattern", "prune"]
+def load(path_or_hub_id, **options):
+    """Load an llmprune checkpoint (folder or Hub id). See :func:`llmprune.loading.load`."""
+    from .loading import load as _load
+
+    return _load(path_or_hub_id, **options)
+
+
+def push_to_hub(folder, repo_id, **options):
+    """Upload a saved checkpoint folder to the Hub. See :func:`llmprune.hub.push_to_hub`."""
+    from .hub import push_to_hub as _push
+
+    return _push(folder, repo_id, **options)
+
+
+__all__ = ["NM", "PruneConfig", "Unstructured", "UsageError", "load", "parse_pattern", "prune", "push_to_hub"]

@@ -38,6 +38,13 @@ class PruneConfig:
     dense_eval: bool = _opt(True, "also evaluate the dense model before pruning")
     save: str | None = _opt(None, "write the pruned checkpoint (safetensors) to this folder")
     overwrite: bool = _opt(False, "allow --save into an existing non-empty folder (replaced atomically)")
+    save_format: str = _opt(
+        "dense", "checkpoint format: dense (plain Hugging Face folder, zeros in place) or compressed (2:4 / bitmap packed)"
+    )
+    push_to_hub: str | None = _opt(None, "after --save, upload the folder to this Hub model repo (owner/name)")
+    private: bool = _opt(False, "create the --push-to-hub repo private")
+    hub_revision: str | None = _opt(None, "branch of the --push-to-hub repo to commit to (default: main)")
+    commit_message: str | None = _opt(None, "commit message for --push-to-hub")
     results: str | None = _opt(None, "write the results JSON here (CLI default: llmprune-results/<model>-<method>-<pattern>-<time>.json)")
     device: str = _opt("auto", "compute device: auto, cpu, cuda, cuda:N")
     dtype: str = _opt("auto", "model dtype: auto, float32, float16, bfloat16")

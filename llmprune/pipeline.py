@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from . import data, devices, engine, perplexity
+from . import data, devices, engine, hub, perplexity
 from .arch import check_pattern_fits, find_decoder_layers
-from .checkpoint import check_output_dir, library_versions, save_dense, write_json_atomic
+from .checkpoint import check_output_dir, check_save_format, library_versions, save_checkpoint, write_json_atomic
 from .config import METHOD_NAMES, PruneConfig
 from .errors import UsageError
 from .solvers import METHODS
@@ -98,6 +98,9 @@ def _validate(config: PruneConfig) -> Pattern:
         raise UsageError(f"--percdamp must be a non-negative number, got {config.percdamp!r}")
     if config.save is not None:
         check_output_dir(config.save, config.overwrite)
+    check_save_format(config.save_format, config.save)
+    hub.check_push_options(config.push_to_hub, private=config.private, revision=config.hub_revision,
+                           commit_message=config.commit_message, save=config.save)
     devices.resolve_device(config.device)
     data.check_disjoint(config.dataset, config.eval_sources)
     return pattern
@@ -220,10 +223,17 @@ def prune(model: str | None = None, *, tokenizer=None, loaded_model=None, **opti
 
     if config.save is not None:
         start = time.perf_counter()
-        save_dense(model_obj, tokenizer, config.save, result.to_dict(), overwrite=config.overwrite)
+        from .modelcard import base_model_info
+
+        save_checkpoint(model_obj, tokenizer, config.save, result.to_dict(), save_format=config.save_format,
+                        base_model=base_model_info(config.model, config.revision), repo_id=config.push_to_hub,
+                        overwrite=config.overwrite)
         seconds["save"] = time.perf_counter() - start
     if config.results is not None:
         result.results_path = write_json_atomic(config.results, result.to_dict())
+    if config.push_to_hub is not None:
+        hub.push_to_hub(config.save, config.push_to_hub, private=config.private, revision=config.hub_revision,
+                        commit_message=config.commit_message)
     return result
 
 

@@ -1,0 +1,514 @@
+"""The compressed checkpoint format (version 1): writing and reading safetensors shards.
+
+The format is specified in ``docs/checkpoint-format.md``; this module is its reference
+implementation. In short: every pruned matrix that is 2:4 is stored as the kernels'
+``Packed24`` tensors, one that is not but whose bitmap is smaller than dense as
+``PackedBitmap`` tensors, anything else as a plain tensor. Packed tensors are named
+``<parameter name>.packed.<field>`` (fields from ``to_tensors()``). Every pruned weight,
+packed or not, is described in the ``__metadata__`` of the shard that holds it by one JSON
+entry (the same entry as in ``llmprune.json``):
+
+    {"storage": "2:4" | "bitmap" | "dense", "shape": [rows, cols] (the parameter's shape),
+     "dtype": "float16", "transposed": false, "pattern": {"kind": "nm", "n": 2, "m": 4} | null,
+     "nnz": 442368}
+
+``transposed`` is True for GPT-2 ``Conv1D`` (its parameter is ``[in, out]``; the packed
+matrix is its transpose ``[out, in]``). Shards are ``llmprune-compressed-XXXXX-of-YYYYY.safetensors``
+listed by ``llmprune-compressed.safetensors.index.json``; the names are chosen so that
+``transformers`` does not mistake the folder for a dense checkpoint (it finds no
+``model.safetensors`` and refuses).
+
+Reading does not use ``safetensors.safe_open``: that maps the whole shard, and the mapped
+pages count towards the process's memory next to the model being built (two copies of a
+one-shard model). :func:`read_tensor` reads each tensor's bytes straight into the buffer
+that becomes the parameter. Every check raises :class:`CheckpointError` with one line
+naming the file and the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+import torch
+from torch import Tensor
+
+from .errors import UsageError
+
+FORMAT_COMPRESSED = "llmprune-compressed"
+FORMAT_DENSE = "llmprune-dense"
+FORMAT_VERSION = 1
+INDEX_FILE = "llmprune-compressed.safetensors.index.json"
+SHARD_TEMPLATE = "llmprune-compressed-{index:05d}-of-{count:05d}.safetensors"
+PACKED_SEP = ".packed."
+STORAGES = ("2:4", "bitmap", "dense")
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+
+# Keys in the shard's safetensors __metadata__ (all values are strings).
+META_FORMAT = "llmprune.format"
+META_VERSION = "llmprune.format_version"
+META_WEIGHTS = "llmprune.weights"
+
+_ENTRY_KEYS = {"storage", "shape", "dtype", "transposed", "pattern", "nnz"}
+_FIELDS = {"2:4": ("values", "meta"), "bitmap": ("values", "bitmap", "offsets")}
+
+# safetensors dtype codes <-> torch dtypes (the subset a causal LM holds).
+_ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_MAX_HEADER = 100 * 2**20  # the safetensors limit
+
+
+class CheckpointError(UsageError):
+    """A checkpoint file is missing, truncated, inconsistent or of an unknown format version."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float16`` -> ``"float16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype_name(name: object, where: str) -> torch.dtype:
+    dtype = getattr(torch, str(name), None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype) or dtype not in _ST_DTYPES.values():
+        raise CheckpointError(f"{where}: unknown dtype {name!r}")
+    return dtype
+
+
+def pattern_label(pattern: dict | None) -> str:
+    """``{"kind": "nm", "n": 2, "m": 4}`` -> ``"2:4"``; unstructured -> ``"unstructured 70%"``."""
+    if not pattern:
+        return "none"
+    if pattern.get("kind") == "nm":
+        return f"{pattern['n']}:{pattern['m']}"
+    return f"unstructured {100 * float(pattern.get('sparsity', 0)):g}%"
+
+
+# ------------------------------------------------------------------------- packing
+
+
+def pack_weight(matrix: Tensor) -> tuple[str, dict[str, Tensor] | None]:
+    """Choose the storage of one pruned matrix ``[N, K]`` (``[out, in]``) and pack it.
+
+    Returns ``("2:4", tensors)`` if the matrix is 2:4 along K and packing shrinks it,
+    else ``("bitmap", tensors)`` if the bitmap is smaller than the dense bytes, else
+    ``("dense", None)``. ``tensors`` are the format's ``to_tensors()`` (contiguous, CPU).
+    """
+    from .kernels.formats import is_24, pack_24, pack_bitmap
+
+    if matrix.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return "dense", None
+    dense_bytes = matrix.numel() * matrix.element_size()
+    if matrix.shape[1] % 4 == 0 and is_24(matrix):
+        packed = pack_24(matrix)
+        if packed.nbytes() < dense_bytes:
+            return "2:4", {k: v.contiguous() for k, v in packed.to_tensors().items()}
+    # Bitmap bytes = nnz x dtype size + N x K / 8 (+ padding and offsets): pack only if smaller.
+    packed = pack_bitmap(matrix)
+    if packed.nbytes() < dense_bytes:
+        return "bitmap", {k: v.contiguous() for k, v in packed.to_tensors().items()}
+    return "dense", None
+
+
+def unpack_fields(storage: str, tensors: dict[str, Tensor], shape: tuple[int, int], where: str):
+    """Rebuild and validate a ``Packed24`` / ``PackedBitmap`` from its tensors (``from_tensors``)."""
+    from .kernels.formats import Packed24, PackedBitmap
+
+    cls = Packed24 if storage == "2:4" else PackedBitmap
+    try:
+        return cls.from_tensors(tensors, shape)
+    except ValueError as error:
+        raise CheckpointError(f"{where}: {error}") from None
+
+
+def packed_from_fields(storage: str, tensors: dict[str, Tensor], shape: tuple[int, int]):
+    """A ``Packed24`` / ``PackedBitmap`` over ``tensors`` with only the constructor's shape and
+    dtype checks; for tensors that :func:`decode_packed` already validated."""
+    from .kernels.formats import Packed24, PackedBitmap
+
+    cls = Packed24 if storage == "2:4" else PackedBitmap
+    return cls(**{field: tensors[field] for field in packed_fields(storage)}, shape=shape)
+
+
+def dense_from_packed(packed) -> Tensor:
+    """Dense ``[N, K]`` matrix of a packed weight; kept values bitwise, ``+0.0`` elsewhere."""
+    from .kernels.formats import Packed24, unpack_24, unpack_bitmap
+
+    return unpack_24(packed) if isinstance(packed, Packed24) else unpack_bitmap(packed)
+
+
+# Rows are validated and unpacked in blocks of about this many weights: the formats' checks
+# expand the metadata to int64 (8 bytes per weight for a bitmap), so whole-matrix calls
+# allocated ~20 MB of temporaries per SmolLM2 MLP matrix and peaked at 1.2x the model while
+# loading; in blocks the temporaries stay under 2 MB.
+BLOCK_WEIGHTS = 1 << 16
+
+
+def _row_blocks(n: int, k: int) -> list[tuple[int, int]]:
+    step = max(1, BLOCK_WEIGHTS // max(k, 1))
+    return [(r, min(n, r + step)) for r in range(0, n, step)]
+
+
+def decode_packed(storage: str, tensors: dict[str, Tensor], shape: tuple[int, int], where: str,
+                  out: Tensor | None = None) -> Tensor:
+    """Validate and unpack a packed weight ``[N, K]`` block of rows by block of rows.
+
+    Every block goes through the format's ``from_tensors`` (keys, shapes, dtypes, padding,
+    2:4 position order, bitmap popcounts and offsets); the blocks tile the tensors exactly,
+    so this checks everything a whole-matrix ``from_tensors`` checks. Returns the dense
+    matrix (the weight dtype, ``+0.0`` where nothing is kept), written into ``out`` if given
+    (``[N, K]``, the values' dtype).
+    """
+    from .kernels.formats import Packed24, PackedBitmap, unpack_24, unpack_bitmap
+
+    n, k = shape
+    fields = packed_fields(storage)
+    if set(tensors) != set(fields):
+        raise CheckpointError(f"{where}: expected tensors {list(fields)}, got {sorted(tensors)}")
+    values = tensors["values"]
+    rows_of = {name: t for name, t in tensors.items() if name != "values" or storage == "2:4"}
+    for name, t in rows_of.items():
+        if t.dim() != 2 or t.shape[0] != n:
+            raise CheckpointError(f"{where}: {name} has shape {list(t.shape)}, expected {n} rows")
+    if values.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise CheckpointError(f"{where}: values have dtype {values.dtype}, expected a float dtype")
+    if out is None:
+        out = torch.empty(n, k, dtype=values.dtype)
+    elif tuple(out.shape) != (n, k) or out.dtype != values.dtype:
+        raise CheckpointError(f"{where}: values are {values.dtype}, expected {out.dtype}")
+    try:
+        if storage == "2:4":
+            for r0, r1 in _row_blocks(n, k):
+                block = Packed24.from_tensors({"values": values[r0:r1], "meta": tensors["meta"][r0:r1]}, (r1 - r0, k))
+                out[r0:r1] = unpack_24(block)
+            return out
+        offsets, bitmap = tensors["offsets"], tensors["bitmap"]
+        if values.dim() != 1 or offsets.dtype != torch.int32 or offsets.shape[1] < 1:
+            raise CheckpointError(f"{where}: values must be 1-D and offsets int32 [N, slabs]")
+        if int(offsets[0, 0]) != 0:
+            raise CheckpointError(f"{where}: offsets[0, 0] = {int(offsets[0, 0])}, must be 0")
+        for r0, r1 in _row_blocks(n, k):
+            start = int(offsets[r0, 0])
+            end = int(offsets[r1, 0]) if r1 < n else values.numel()
+            if not start <= end <= values.numel():
+                raise CheckpointError(f"{where}: offsets[{r1}, 0] = {end} is out of order or past the {values.numel()} values")
+            block = PackedBitmap.from_tensors(
+                {"values": values[start:end], "bitmap": bitmap[r0:r1], "offsets": offsets[r0:r1] - start}, (r1 - r0, k)
+            )
+            out[r0:r1] = unpack_bitmap(block)
+        return out
+    except ValueError as error:
+        if isinstance(error, CheckpointError):
+            raise
+        raise CheckpointError(f"{where}: {error}") from None
+
+
+# ------------------------------------------------------------------------- entries and checks
+
+
+def make_entry(param: Tensor, storage: str, transposed: bool, pattern: dict | None) -> dict:
+    """The JSON description of one pruned parameter (see the module docstring)."""
+    return {
+        "storage": storage,
+        "shape": list(param.shape),
+        "dtype": dtype_name(param.dtype),
+        "transposed": bool(transposed),
+        "pattern": pattern,
+        "nnz": int(torch.count_nonzero(param)),
+    }
+
+
+def check_entry(entry: object, where: str) -> dict:
+    """Validate the keys and types of one weight entry; return it."""
+    if not isinstance(entry, dict) or set(entry) != _ENTRY_KEYS:
+        keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+        raise CheckpointError(f"{where}: weight entry needs keys {sorted(_ENTRY_KEYS)}, got {keys}")
+    if entry["storage"] not in STORAGES:
+        raise CheckpointError(f"{where}: unknown storage {entry['storage']!r} (expected one of {STORAGES})")
+    shape = entry["shape"]
+    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) and s > 0 for s in shape)):
+        raise CheckpointError(f"{where}: shape must be two positive integers, got {shape!r}")
+    parse_dtype_name(entry["dtype"], where)
+    if not isinstance(entry["nnz"], int) or not 0 <= entry["nnz"] <= shape[0] * shape[1]:
+        raise CheckpointError(f"{where}: nnz must be an integer in [0, {shape[0] * shape[1]}], got {entry['nnz']!r}")
+    pattern = entry["pattern"]
+    if pattern is not None:
+        from .spec import pattern_from_dict
+
+        try:
+            pattern_from_dict(pattern)
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(f"{where}: bad pattern {pattern!r}: {error}") from None
+    return entry
+
+
+def verify_matrix(matrix: Tensor, entry: dict, where: str) -> None:
+    """Check a pruned ``[N, K]`` matrix against its entry's declared ``nnz`` and N:M pattern.
+
+    Works in blocks of rows (bounded temporaries). ``where`` names the file and tensor.
+    """
+    pattern = entry["pattern"]
+    nm = (pattern["n"], pattern["m"]) if pattern and pattern.get("kind") == "nm" else None
+    rows, cols = matrix.shape
+    if nm and cols % nm[1]:
+        raise CheckpointError(f"{where}: input size {cols} is not a multiple of {nm[1]}, so it cannot be {nm[0]}:{nm[1]}")
+    nnz = 0
+    for r0, r1 in _row_blocks(rows, cols):
+        block = matrix[r0:r1]
+        nnz += int(torch.count_nonzero(block))
+        if nm is None:
+            continue
+        n, m = nm
+        counts = (block != 0).reshape(r1 - r0, cols // m, m).sum(-1)  # [rows in block, K/m]
+        bad = (counts > n).nonzero()
+        if bad.numel():
+            row, group = (int(v) for v in bad[0])
+            raise CheckpointError(
+                f"{where}: violates its declared pattern {n}:{m}: row {r0 + row}, columns {m * group}:{m * group + m} "
+                f"hold {int(counts[row, group])} nonzeros"
+            )
+    if nnz != entry["nnz"]:
+        raise CheckpointError(
+            f"{where}: has {nnz} nonzeros but the checkpoint declares {entry['nnz']} "
+            f"(pattern {pattern_label(pattern)})"
+        )
+
+
+# ------------------------------------------------------------------------- safetensors reading
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offsets in the file
+    end: int
+
+
+@dataclass(frozen=True)
+class ShardHeader:
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+
+
+def read_header(path: Path, label: str | None = None) -> ShardHeader:
+    """Parse a safetensors header and check every tensor's bytes lie inside the file.
+
+    A file shorter than its header says (a truncated download or an interrupted copy) is
+    refused here, naming the first tensor that runs past the end.
+    """
+    label = label or str(path)
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{label}: truncated: {size} bytes, not even a safetensors header")
+            (length,) = struct.unpack("<Q", head)
+            if length > _MAX_HEADER or 8 + length > size:
+                raise CheckpointError(f"{label}: truncated or not safetensors: header of {length} bytes, file of {size}")
+            raw = f.read(length)
+    except FileNotFoundError:
+        raise CheckpointError(f"{label}: file is missing") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{label}: corrupt safetensors header ({error})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{label}: corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    start = 8 + length
+    tensors: dict[str, TensorInfo] = {}
+    # File order, so that a truncated file names the first tensor it cuts.
+    ordered = sorted(header.items(), key=lambda kv: _first_offset(kv[1]))
+    for name, info in ordered:
+        where = f"{label}: tensor {name}"
+        try:
+            dtype = _ST_DTYPES[info["dtype"]]
+            shape = tuple(int(s) for s in info["shape"])
+            begin, end = (int(v) for v in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{where}: unsupported or corrupt header entry {info!r}") from None
+        want = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if end - begin != want or begin < 0:
+            raise CheckpointError(f"{where}: header gives {end - begin} bytes for shape {list(shape)} {info['dtype']}")
+        if start + end > size:
+            raise CheckpointError(
+                f"{where}: truncated file: the tensor ends at byte {start + end} but the file has {size} bytes"
+            )
+        tensors[name] = TensorInfo(dtype, shape, start + begin, start + end)
+    return ShardHeader(path, tensors, {str(k): str(v) for k, v in metadata.items()})
+
+
+def _first_offset(info: object) -> int:
+    try:
+        return int(info["data_offsets"][0])  # type: ignore[index]
+    except (KeyError, TypeError, ValueError, IndexError):
+        return -1  # reported as corrupt by the caller
+
+
+def read_tensor(f: BinaryIO, info: TensorInfo, where: str) -> Tensor:
+    """Read one tensor's bytes from an open shard into a new CPU tensor (one copy, no mapping)."""
+    nbytes = info.end - info.begin
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    f.seek(info.begin)
+    got = f.readinto(memoryview(buf.numpy())) if nbytes else 0
+    if got != nbytes:
+        raise CheckpointError(f"{where}: truncated file: read {got} of {nbytes} bytes")
+    return buf.view(info.dtype).reshape(info.shape)
+
+
+def iter_tensors(header: ShardHeader, names: list[str], label: str) -> Iterator[tuple[str, Tensor]]:
+    """Yield ``(name, tensor)`` for ``names`` of one shard, in file order (sequential reads)."""
+    ordered = sorted(names, key=lambda n: header.tensors[n].begin)
+    with header.path.open("rb") as f:
+        for name in ordered:
+            yield name, read_tensor(f, header.tensors[name], f"{label}: tensor {name}")
+
+
+def shard_weights(header: ShardHeader, label: str) -> dict[str, dict]:
+    """The packed-weight entries a compressed shard declares; checks its format and version."""
+    fmt = header.metadata.get(META_FORMAT)
+    if fmt != FORMAT_COMPRESSED:
+        raise CheckpointError(f"{label}: not an {FORMAT_COMPRESSED} shard (metadata {META_FORMAT} = {fmt!r})")
+    check_version(header.metadata.get(META_VERSION), label)
+    try:
+        entries = json.loads(header.metadata.get(META_WEIGHTS, "{}"))
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{label}: metadata {META_WEIGHTS} is not valid JSON ({error})") from None
+    if not isinstance(entries, dict):
+        raise CheckpointError(f"{label}: metadata {META_WEIGHTS} must be a JSON object")
+    return {name: check_entry(entry, f"{label}: tensor {name}") for name, entry in entries.items()}
+
+
+def check_version(version: object, label: str) -> None:
+    try:
+        number = int(version)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{label}: missing or bad format_version {version!r}") from None
+    if number != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{label}: format_version {number} is not supported (this llmprune reads version {FORMAT_VERSION}); "
+            + ("upgrade llmprune" if number > FORMAT_VERSION else "re-save the checkpoint")
+        )
+
+
+def packed_key(name: str, field: str) -> str:
+    return f"{name}{PACKED_SEP}{field}"
+
+
+def packed_fields(storage: str) -> tuple[str, ...]:
+    return _FIELDS[storage]
+
+
+# ------------------------------------------------------------------------- writing
+
+
+def unique_state(model: torch.nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """``(tensors, tied)``: the state dict without aliases, and ``{alias: kept name}``.
+
+    Tied parameters (``lm_head.weight`` is ``embed_tokens.weight`` in SmolLM2) are stored
+    once, under the first name in ``state_dict`` order.
+    """
+    tensors: dict[str, Tensor] = {}
+    tied: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+               tensor.dtype)
+        if tensor.numel() and key in seen:
+            tied[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = tensor
+    return tensors, tied
+
+
+def write_shards(
+    model: torch.nn.Module,
+    folder: Path,
+    pruned: dict[str, tuple[bool, dict | None]],
+    *,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> dict[str, dict]:
+    """Write the model's tensors into compressed shards plus the index, in ``folder``.
+
+    ``pruned`` maps parameter names to ``(transposed, declared pattern dict or None)``.
+    Returns the entry of every pruned parameter (``storage`` says how it was stored).
+    One packed weight's tensors always go into one shard. Memory: one shard's tensors.
+    """
+    from safetensors.torch import save_file
+
+    tensors, tied = unique_state(model)
+    unknown = sorted(set(pruned) - set(tensors))
+    if unknown:
+        raise UsageError(f"pruned weights {unknown[:3]} are not tensors of {type(model).__name__}")
+    entries: dict[str, dict] = {}
+    shards: list[tuple[str, list[str]]] = []  # (temporary file name, its tensor names)
+    current: dict[str, Tensor] = {}
+    current_entries: dict[str, dict] = {}
+    current_bytes = 0
+    total = 0  # bytes of tensor data, as in transformers' index files
+
+    def flush() -> None:
+        nonlocal current, current_entries, current_bytes
+        if not current:
+            return
+        name = f".shard-{len(shards) + 1:05d}.tmp"
+        metadata = {
+            "format": "pt",
+            META_FORMAT: FORMAT_COMPRESSED,
+            META_VERSION: str(FORMAT_VERSION),
+            META_WEIGHTS: json.dumps(current_entries, separators=(",", ":")),
+        }
+        save_file(current, str(folder / name), metadata=metadata)
+        shards.append((name, list(current)))
+        current, current_entries, current_bytes = {}, {}, 0
+
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().to("cpu")
+        group: dict[str, Tensor]
+        if name in pruned:
+            transposed, pattern = pruned[name]
+            if tensor.dim() != 2:
+                raise UsageError(f"pruned weight {name} is {tensor.dim()}-D, expected a matrix")
+            matrix = tensor.t() if transposed else tensor  # [out, in]
+            storage, fields = pack_weight(matrix.contiguous())
+            entry = make_entry(tensor, storage, transposed, pattern)
+            entries[name] = entry
+            if fields is not None:
+                group = {packed_key(name, k): v for k, v in fields.items()}
+            else:
+                group = {name: tensor.contiguous()}
+        else:
+            group = {name: tensor.contiguous()}
+        size = sum(t.numel() * t.element_size() for t in group.values())
+        if current and current_bytes + size > max_shard_bytes:
+            flush()
+        current.update(group)
+        if name in entries:
+            current_entries[name] = entries[name]
+        current_bytes += size
+        total += size
+    flush()
+
+    weight_map: dict[str, str] = {}
+    for index, (tmp_name, names) in enumerate(shards, start=1):
+        final = SHARD_TEMPLATE.format(index=index, count=len(shards))
+        os.replace(folder / tmp_name, folder / final)
+        for tensor_name in names:
+            weight_map[tensor_name] = final
+    index_data = {
+        "metadata": {"format": FORMAT_COMPRESSED, "format_version": FORMAT_VERSION, "total_size": total, "tied": tied},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    (folder / INDEX_FILE).write_text(json.dumps(index_data, indent=2) + "\n")
+    return entries
