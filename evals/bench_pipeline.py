@@ -51,6 +51,12 @@ class _IdsOnlyTokenizer:
 
     bos_token_id = None
 
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
     def __call__(self, text, **_):
         raise RuntimeError("random-id benchmark has no text tokenizer")
 
@@ -84,7 +90,7 @@ def main() -> None:
             ids = torch.randint(0, model.config.vocab_size, (args.nsamples, args.seqlen), generator=torch.Generator().manual_seed(0))
             token_file = Path(tmp) / "calibration.pt"
             torch.save(ids, token_file)
-            result = prune(f"random-llama-{args.random_llama}", loaded_model=model, tokenizer=_IdsOnlyTokenizer(),
+            result = prune(f"random-llama-{args.random_llama}", loaded_model=model, tokenizer=_IdsOnlyTokenizer(model.config.vocab_size),
                            dataset=str(token_file), **options)
             name = f"random-llama-{args.random_llama}"
         else:

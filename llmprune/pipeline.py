@@ -176,13 +176,18 @@ def prune(model: str | None = None, *, tokenizer=None, loaded_model=None, **opti
     if calibration is not None:
         result.calibration_sha256 = hashlib.sha256(calibration.numpy().tobytes()).hexdigest()
 
-    if config.dense_eval and eval_tokens:
+    def evaluate(label: str) -> dict[str, perplexity.PerplexityResult]:
+        # The whole model moves to the compute device for evaluation and back afterwards.
         start = time.perf_counter()
-        with devices.explain_out_of_memory("evaluating the dense model"):
+        with devices.explain_out_of_memory(f"evaluating the {label} model"):
             model_obj.to(device)
-            result.dense_ppl = _evaluate(model_obj, tokenizer, config.eval_sources, eval_tokens, eval_seqlen, config, device, add_bos)
+            results = _evaluate(model_obj, tokenizer, config.eval_sources, eval_tokens, eval_seqlen, config, device, add_bos)
             model_obj.to("cpu")
-        seconds["eval_dense"] = time.perf_counter() - start
+        seconds[f"eval_{label}"] = time.perf_counter() - start
+        return results
+
+    if config.dense_eval and eval_tokens:
+        result.dense_ppl = evaluate("dense")
 
     options_for_solver = {"percdamp": config.percdamp, "blocksize": config.blocksize} if config.method == "sparsegpt" else {}
     if needs_data:
@@ -212,12 +217,7 @@ def prune(model: str | None = None, *, tokenizer=None, loaded_model=None, **opti
         seconds[phase] = sum(layer.seconds.get(phase, 0.0) for layer in result.layers)
 
     if eval_tokens:
-        start = time.perf_counter()
-        with devices.explain_out_of_memory("evaluating the pruned model"):
-            model_obj.to(device)
-            result.pruned_ppl = _evaluate(model_obj, tokenizer, config.eval_sources, eval_tokens, eval_seqlen, config, device, add_bos)
-            model_obj.to("cpu")
-        seconds["eval_pruned"] = time.perf_counter() - start
+        result.pruned_ppl = evaluate("pruned")
     result.seconds = seconds
     result.peak_memory = devices.peak_memory_bytes(device)
 
