@@ -29,10 +29,8 @@ import triton.language as tl
 from triton.language.extra import libdevice
 from torch import Tensor
 
-from .dispatch import (check_launchable, interpreter_enabled, is_interpreted, m_bucket, positional,
-                       splitk_workspace)
+from .dispatch import interpreter_enabled, is_interpreted, m_bucket, positional, run_packed_matmul, splitk_workspace
 from .formats import BITMAP_SLAB_K, PackedBitmap
-from .naive import check_matmul_args
 from .sparse24 import DECODE_MAX_M, _finish_split, _store_tile  # shared epilogue
 
 __all__ = ["bitmap_matmul"]
@@ -211,16 +209,7 @@ def bitmap_matmul(x: Tensor, p: PackedBitmap, bias: Tensor | None = None) -> Ten
     """
     if not isinstance(p, PackedBitmap):
         raise TypeError(f"bitmap_matmul: weight must be a PackedBitmap, got {type(p).__name__}")
-    check_matmul_args(x, p, bias, "bitmap_matmul")
-    check_launchable(_bitmap_decode_kernel, x, "bitmap_matmul")
-    n, k = p.shape
-    x2 = x.reshape(-1, k)  # [M, K]
-    if x2.shape[0] > 1 and x2.stride(1) != 1:
-        x2 = x2.contiguous()
-    y = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)  # [M, N]
-    if x2.shape[0]:
-        _launch(x2, p, None if bias is None else bias.contiguous(), y)
-    return y.reshape(*x.shape[:-1], n)
+    return run_packed_matmul(x, p, bias, "bitmap_matmul", _bitmap_decode_kernel, _launch)
 
 
 def _launch(x2: Tensor, p: PackedBitmap, bias: Tensor | None, y: Tensor, config: dict | None = None) -> None:

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..errors import UsageError
 from .formats import Packed24, PackedBitmap
-from .naive import bitmap_matmul_ref, sparse24_matmul_ref
+from .naive import bitmap_matmul_ref, check_matmul_args, sparse24_matmul_ref
 
 __all__ = ["BACKENDS", "interpreter_enabled", "sparse_matmul"]
 
@@ -140,3 +140,18 @@ def splitk_workspace(device: torch.device, floats: int, counters: int) -> tuple[
             if not torch.cuda.is_current_stream_capturing():
                 _WORKSPACES[key] = buf
     return buf[:floats].view(torch.float32), buf[floats:need]
+
+
+def run_packed_matmul(x: Tensor, p, bias: Tensor | None, who: str, decode_kernel: object, launch) -> Tensor:
+    """The shared body of the Triton wrappers: check, flatten ``x [..., K]`` to ``[M, K]``,
+    allocate ``y [M, N]`` in ``x.dtype``, ``launch(x2, p, bias, y)``, reshape to ``[..., N]``."""
+    check_matmul_args(x, p, bias, who)
+    check_launchable(decode_kernel, x, who)
+    n, k = p.shape
+    x2 = x.reshape(-1, k)  # [M, K]
+    if x2.shape[0] > 1 and x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)  # [M, N]
+    if x2.shape[0]:
+        launch(x2, p, None if bias is None else bias.contiguous(), y)
+    return y.reshape(*x.shape[:-1], n)

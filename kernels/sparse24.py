@@ -31,9 +31,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .dispatch import check_launchable, interpreter_enabled, m_bucket, positional, splitk_workspace
+from .dispatch import interpreter_enabled, m_bucket, positional, run_packed_matmul, splitk_workspace
 from .formats import Packed24
-from .naive import check_matmul_args
 
 __all__ = ["DECODE_MAX_M", "sparse24_matmul"]
 
@@ -253,16 +252,7 @@ def sparse24_matmul(x: Tensor, p: Packed24, bias: Tensor | None = None) -> Tenso
     """
     if not isinstance(p, Packed24):
         raise TypeError(f"sparse24_matmul: weight must be a Packed24, got {type(p).__name__}")
-    check_matmul_args(x, p, bias, "sparse24_matmul")
-    check_launchable(_sparse24_decode_kernel, x, "sparse24_matmul")
-    n, k = p.shape
-    x2 = x.reshape(-1, k)  # [M, K]
-    if x2.shape[0] > 1 and x2.stride(1) != 1:
-        x2 = x2.contiguous()
-    y = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)  # [M, N]
-    if x2.shape[0]:
-        _launch(x2, p, None if bias is None else bias.contiguous(), y)
-    return y.reshape(*x.shape[:-1], n)
+    return run_packed_matmul(x, p, bias, "sparse24_matmul", _sparse24_decode_kernel, _launch)
 
 
 def _launch(x2: Tensor, p: Packed24, bias: Tensor | None, y: Tensor, config: dict | None = None) -> None:
