@@ -50,3 +50,13 @@ def tiny_llama_dir(tmp_path_factory, ptb_train_text):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests, restored afterwards: on a busy 2-core machine a
+    10-token forward of a tiny model took 650 ms with 2 threads and 1.5 ms with 1."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

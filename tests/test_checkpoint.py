@@ -27,13 +27,7 @@ from llmprune.kernels.linear import SparseLinear
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two shared cores: one thread each for these tests, restored after the module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = dict(method="magnitude", eval="none", dense_eval=False, device="cpu", progress=False)

@@ -8,7 +8,6 @@ import json
 import logging
 
 import pytest
-import torch
 
 import llmprune
 from llmprune import hub
@@ -17,13 +16,7 @@ from llmprune.errors import UsageError
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two shared cores: one thread each for these tests, restored after the module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SECRET = "hf_llmpruneTestSecret0123456789"
 QUICK = dict(method="magnitude", pattern="2:4", eval="none", dense_eval=False, device="cpu", progress=False)
