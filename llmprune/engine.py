@@ -5,7 +5,7 @@ Where things happen:
 
 * :func:`capture_layer_calls` - the hidden states entering decoder layer 0 and every
   argument each decoder layer receives, for each calibration sample.
-* :class:`StatisticsCollector` - forward hooks that accumulate one statistic per distinct
+* :class:`llmprune.collector.StatisticsCollector` - forward hooks that accumulate one statistic per distinct
   input tensor (q/k/v share one Hessian, gate/up share one).
 * :func:`prune_layers` - the loop; solvers themselves are pure maths in ``llmprune.solvers``.
 """
@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from . import devices
 from .arch import PrunableMatrix, prunable_matrices
+from .collector import StatisticsCollector
 from .solvers import Method
 from .spec import Pattern
 
@@ -156,77 +157,6 @@ def capture_layer_calls(
 
 def _same_call(a: LayerCall, b: LayerCall) -> bool:
     return a.hidden_key == b.hidden_key and _same(a.args, b.args) and _same(a.kwargs, b.kwargs)
-
-
-# -------------------------------------------------------------------------- statistics
-
-
-class StatisticsCollector:
-    """Forward hooks that feed each matrix's input to a statistic, once per distinct input.
-
-    Matrices whose inputs are the *same tensor object* in a forward pass (q/k/v read the
-    same normed hidden states; gate/up too) form a group and share one statistic, so a
-    Hessian is computed once per group. Groups are discovered on the first sample and
-    numbered in call order (attention inputs, o_proj, gate/up, down for a Llama layer).
-    Only groups in ``active`` (None = all) accumulate.
-    """
-
-    def __init__(self, matrices: list[PrunableMatrix], stat_factory: Callable[[int], object]):
-        self.matrices = matrices
-        self.stat_factory = stat_factory
-        self.group_of: dict[str, int] = {}
-        self.groups: list[list[PrunableMatrix]] = []
-        self.stats: dict[int, object] = {}
-        self.active: set[int] | None = None
-        self._pass_inputs: dict[int, torch.Tensor] = {}  # id -> tensor, kept alive for the pass
-        self._pass_group_of_input: dict[int, int] = {}
-        self._updated: set[tuple[int, int]] = set()
-        self._handles = []
-
-    def __enter__(self) -> StatisticsCollector:
-        for matrix in self.matrices:
-            self._handles.append(matrix.module.register_forward_hook(self._make_hook(matrix)))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self.end_sample()
-
-    def end_sample(self) -> None:
-        """Forget this pass's input tensors (they were kept alive so ids stay unique)."""
-        self._pass_inputs.clear()
-        self._pass_group_of_input.clear()
-        self._updated.clear()
-
-    def _make_hook(self, matrix: PrunableMatrix):
-        def hook(module, inputs, output):
-            x = inputs[0]
-            key = id(x)
-            self._pass_inputs[key] = x
-            group = self.group_of.get(matrix.name)
-            if group is None:
-                group = self._pass_group_of_input.get(key)
-                if group is None:
-                    group = len(self.groups)
-                    self.groups.append([])
-                self.groups[group].append(matrix)
-                self.group_of[matrix.name] = group
-            self._pass_group_of_input.setdefault(key, group)
-            if self.active is not None and group not in self.active:
-                return
-            if (group, key) in self._updated:
-                return
-            self._updated.add((group, key))
-            if group not in self.stats:
-                self.stats[group] = self.stat_factory(matrix.in_features, x.device)
-            try:
-                self.stats[group].update(x.detach())
-            except ValueError as error:
-                raise ValueError(f"{matrix.name}: {error}") from None
-
-        return hook
 
 
 # ------------------------------------------------------------------------------ report
@@ -371,9 +301,7 @@ def prune_layers(
                 if not true_sequential or step >= len(collector.groups):
                     break
             report.groups = [[m.name for m in group] for group in collector.groups]
-            unhooked = {m.name for m in matrices} - set(collector.group_of)
-            if unhooked:
-                raise RuntimeError(f"layer {index}: matrices {sorted(unhooked)} never ran in the forward pass")
+            collector.check_all_seen(index)
 
             start = time.perf_counter()
             err_num = err_den = 0.0
