@@ -10,7 +10,6 @@ import torch
 from .arch import PrunableMatrix
 
 
-
 class StatisticsCollector:
     """Forward hooks that feed each matrix's input to a statistic, once per distinct input.
 
@@ -78,8 +77,11 @@ class StatisticsCollector:
 
         return hook
 
-    def check_all_seen(self, layer_index: int) -> None:
-        """Raise if a matrix of the layer never received an input during the passes so far."""
+    def check_all_seen(self, layer_index: int) -> list[str]:
+        """Raise if a matrix of the layer never received an input during the passes so far.
+
+        Returns the names of matrices that are deliberately left dense (none yet)."""
         unhooked = {m.name for m in self.matrices} - set(self.group_of)
         if unhooked:
             raise RuntimeError(f"layer {layer_index}: matrices {sorted(unhooked)} never ran in the forward pass")
+        return []

@@ -183,11 +183,13 @@ class LayerReport:
     output_rel_error: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     forward_passes: int = 0
+    left_dense: list[str] = field(default_factory=list)  # matrices that received no input (unrouted experts)
 
     def to_dict(self) -> dict:
         return {
             "index": self.index,
             "groups": self.groups,
+            "left_dense": self.left_dense,
             "output_rel_error": self.output_rel_error,
             "seconds": self.seconds,
             "forward_passes": self.forward_passes,
@@ -301,7 +303,7 @@ def prune_layers(
                 if not true_sequential or step >= len(collector.groups):
                     break
             report.groups = [[m.name for m in group] for group in collector.groups]
-            collector.check_all_seen(index)
+            report.left_dense = collector.check_all_seen(index)
 
             start = time.perf_counter()
             err_num = err_den = 0.0
