@@ -4,8 +4,10 @@ One ``update(x)`` per calibration forward pass. As in the reference code (IST-DA
 ``SparseGPT.add_batch``, locuslab/wanda ``WrappedGPT.add_batch``) a "sample" is one entry of
 the batch dimension: ``x`` of shape [batch, seq, in] adds ``batch`` samples, a 2-D [tokens, in]
 (or 1-D) ``x`` adds one. The running means are kept in the references' form so the values
-match theirs. ``value()`` returns the live buffer (no copy: the Hessian of a 14336-wide MLP is
-820 MB); drop the stat object once its layer is pruned to free it.
+match theirs; ``to_sums()`` / ``load_sums()`` convert to and from plain sums, which add across
+processes (``llmprune.distributed`` all-reduces them). ``value()`` returns the live buffer (no
+copy: the Hessian of a 14336-wide MLP is 820 MB); drop the stat object once its layer is
+pruned to free it.
 """
 
 from __future__ import annotations
@@ -47,6 +49,17 @@ class _InputStat:
         if self.n_samples == 0:
             raise ValueError(f"{type(self).__name__}: no activations were accumulated (update never called)")
 
+    def _check_sums(self, total: Tensor, shape: tuple[int, ...], n_samples: int, n_tokens: int) -> None:
+        if tuple(total.shape) != shape or total.dtype != torch.float32:
+            raise ValueError(
+                f"{type(self).__name__}: expected a float32 sum of shape {shape}, "
+                f"got shape {tuple(total.shape)} dtype {total.dtype}"
+            )
+        if n_samples < 0 or n_tokens < 0 or (n_samples == 0) != (n_tokens == 0):
+            raise ValueError(
+                f"{type(self).__name__}: inconsistent counts n_samples={n_samples}, n_tokens={n_tokens}"
+            )
+
 
 class HessianStat(_InputStat):
     """SparseGPT's Hessian ``H = (2 / n_samples) * sum X^T X`` over all input tokens X [tokens, in]."""
@@ -72,6 +85,25 @@ class HessianStat(_InputStat):
         self._check_ready()
         return self._h
 
+    def to_sums(self) -> tuple[Tensor, int, int]:
+        """The statistic as quantities that add over disjoint sets of samples (one per rank):
+        ``(sum X^T X [in, in] fp32 on device, n_samples, n_tokens)``. The tensor is a new one
+        (``value() * n_samples / 2``); all zeros when nothing was accumulated."""
+        return self._h * (self.n_samples / 2), self.n_samples, self.n_tokens
+
+    def load_sums(self, total: Tensor, n_samples: int, n_tokens: int) -> None:
+        """Become the statistic whose :meth:`to_sums` is ``(total, n_samples, n_tokens)``: the
+        sums over every rank's samples after an all-reduce. ``total`` [in, in] fp32 is taken
+        over as the new buffer, moved to ``device`` and scaled in place by ``2 / n_samples``;
+        with ``n_samples == 0`` the stat is left empty (``value()`` raises)."""
+        self._check_sums(total, (self.in_features, self.in_features), n_samples, n_tokens)
+        self._h = total.to(self.device)
+        if n_samples:
+            self._h.mul_(2 / n_samples)
+        else:
+            self._h.zero_()
+        self.n_samples, self.n_tokens = n_samples, n_tokens
+
 
 class ColumnNormStat(_InputStat):
     """Wanda's ``scaler_row``: squared L2 norm of each input feature over all tokens, / n_samples."""
@@ -95,3 +127,22 @@ class ColumnNormStat(_InputStat):
         """[in] fp32 on ``device``, >= 0. The live buffer: do not modify it."""
         self._check_ready()
         return self._s
+
+    def to_sums(self) -> tuple[Tensor, int, int]:
+        """The statistic as quantities that add over disjoint sets of samples (one per rank):
+        ``(sum over tokens of x_j^2 [in] fp32 on device, n_samples, n_tokens)``. The tensor is a
+        new one (``value() * n_samples``); all zeros when nothing was accumulated."""
+        return self._s * self.n_samples, self.n_samples, self.n_tokens
+
+    def load_sums(self, total: Tensor, n_samples: int, n_tokens: int) -> None:
+        """Become the statistic whose :meth:`to_sums` is ``(total, n_samples, n_tokens)``: the
+        sums over every rank's samples after an all-reduce. ``total`` [in] fp32 is taken over as
+        the new buffer, moved to ``device`` and divided in place by ``n_samples``; with
+        ``n_samples == 0`` the stat is left empty (``value()`` raises)."""
+        self._check_sums(total, (self.in_features,), n_samples, n_tokens)
+        self._s = total.to(self.device)
+        if n_samples:
+            self._s.div_(n_samples)
+        else:
+            self._s.zero_()
+        self.n_samples, self.n_tokens = n_samples, n_tokens

@@ -81,3 +81,55 @@ def test_update_does_not_modify_input(cls):
     stat = cls(IN, device="cpu")
     stat.update(x)
     assert torch.equal(x, copy)
+
+
+@pytest.mark.parametrize("cls", [HessianStat, ColumnNormStat])
+def test_sums_of_disjoint_shards_merge_to_the_statistic_over_all(cls):
+    """What ``llmprune.distributed`` does with an all-reduce, done by hand for three "ranks":
+    the last has no samples and must contribute nothing."""
+    batches = _batches()
+    shards = [batches[0::2], batches[1::2], []]
+    parts = []
+    for shard in shards:
+        stat = cls(IN)
+        for b in shard:
+            stat.update(b)
+        parts.append(stat.to_sums())
+    assert parts[2][1:] == (0, 0) and not parts[2][0].any()
+    merged = cls(IN)
+    merged.load_sums(sum(p[0] for p in parts), sum(p[1] for p in parts), sum(p[2] for p in parts))
+    n_samples, n_tokens, X = _direct(batches)
+    assert (merged.n_samples, merged.n_tokens) == (n_samples, n_tokens)
+    want = 2.0 / n_samples * X.T @ X if cls is HessianStat else (X**2).sum(0) / n_samples
+    assert merged.value().dtype == torch.float32
+    torch.testing.assert_close(merged.value().double(), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [HessianStat, ColumnNormStat])
+def test_to_sums_is_the_unnormalised_sum_and_leaves_the_stat_alone(cls):
+    batches = _batches()
+    stat = cls(IN)
+    for b in batches:
+        stat.update(b)
+    before = stat.value().clone()
+    total, n_samples, n_tokens = stat.to_sums()
+    _, _, X = _direct(batches)
+    torch.testing.assert_close(total.double(), X.T @ X if cls is HessianStat else (X**2).sum(0), rtol=1e-6, atol=1e-5)
+    assert (n_samples, n_tokens) == (7, 26)
+    total.zero_()  # a new tensor: the live buffer is untouched
+    assert torch.equal(stat.value(), before)
+
+
+@pytest.mark.parametrize("cls", [HessianStat, ColumnNormStat])
+def test_load_sums_rejects_bad_input_and_zero_samples_leave_it_empty(cls):
+    stat = cls(IN)
+    shape = (IN, IN) if cls is HessianStat else (IN,)
+    with pytest.raises(ValueError, match="float32 sum of shape"):
+        stat.load_sums(torch.zeros(IN + 1), 1, 1)
+    with pytest.raises(ValueError, match="float32 sum of shape"):
+        stat.load_sums(torch.zeros(shape, dtype=torch.float64), 1, 1)
+    with pytest.raises(ValueError, match="inconsistent counts"):
+        stat.load_sums(torch.zeros(shape), 0, 3)
+    stat.load_sums(torch.zeros(shape), 0, 0)
+    with pytest.raises(ValueError, match="no activations"):
+        stat.value()
