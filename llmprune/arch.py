@@ -2,8 +2,11 @@
 
 No per-architecture scripts: the decoder stack is found structurally (the ``nn.ModuleList``
 of ``config.num_hidden_layers`` identical blocks), and the prunable matrices of a layer are
-its ``nn.Linear`` modules plus GPT-2's ``Conv1D`` (whose weight is stored transposed,
-``[in, out]``). What differs between architectures is kept in the small table of quirks below.
+its ``nn.Linear`` modules, GPT-2's ``Conv1D`` (whose weight is stored transposed,
+``[in, out]``), and one matrix per expert of each fused mixture-of-experts parameter
+(transformers 5 keeps all experts of a block in 3-D parameters such as Mixtral's
+``gate_up_proj [E, 2I, H]``). What differs between architectures is kept in the small table
+of quirks below.
 """
 
 from __future__ import annotations
@@ -34,31 +37,55 @@ _KNOWN_LAYER_PATHS = (
 class PrunableMatrix:
     """One weight matrix the solvers can prune.
 
-    ``name`` is relative to its decoder layer (``"self_attn.q_proj"``); ``transposed`` is
-    True for GPT-2 ``Conv1D``, whose ``weight`` is ``[in, out]`` instead of ``[out, in]``.
+    ``name`` is relative to its decoder layer. For an ``nn.Linear`` or ``Conv1D`` it is the
+    module's name (``"self_attn.q_proj"``) and the matrix is ``module.weight``. For one expert
+    of a fused mixture-of-experts parameter it is ``"<experts module>.<expert>.<parameter>"``
+    (``"mlp.experts.3.gate_up_proj"``: expert 3's slice of ``mlp.experts.gate_up_proj``), the
+    name the matrix had when experts were ``nn.Linear`` modules (``mlp.experts.3.gate_proj``),
+    so ``exclude`` patterns such as ``"mlp.experts.*"`` cover both; the matrix is
+    ``getattr(module, parameter)[expert]``. ``transposed`` is True when the matrix is stored
+    ``[in, out]``: GPT-2 ``Conv1D``, and fused experts marked ``is_transposed`` (GPT-OSS).
     """
 
     name: str
     module: nn.Module
     transposed: bool
+    parameter: str = "weight"
+    expert: int | None = None  # index into the first dimension of a fused 3-D parameter
+
+    @property
+    def parameter_name(self) -> str:
+        """The parameter holding the matrix, relative to the layer: ``"self_attn.q_proj.weight"``,
+        or the whole fused parameter ``"mlp.experts.gate_up_proj"`` for an expert slice."""
+        if self.expert is None:
+            return f"{self.name}.{self.parameter}"
+        return f"{self.name.removesuffix(f'.{self.expert}.{self.parameter}')}.{self.parameter}"
+
+    @property
+    def is_expert(self) -> bool:
+        """True for a matrix that only sees the tokens routed to it: an expert slice of a fused
+        parameter, or an ``nn.Linear`` under a module path with an ``experts`` component (the
+        per-expert modules of older MoE code, ``block_sparse_moe.experts.3.w1``)."""
+        return self.expert is not None or "experts" in self.name.split(".")[:-1]
 
     @property
     def in_features(self) -> int:
-        weight = self.module.weight
-        return weight.shape[0] if self.transposed else weight.shape[1]
+        return self.read_weight().shape[1]
 
     @property
     def out_features(self) -> int:
-        weight = self.module.weight
-        return weight.shape[1] if self.transposed else weight.shape[0]
+        return self.read_weight().shape[0]
 
     def read_weight(self) -> torch.Tensor:
-        """The weight as ``[out, in]`` (a view; transposed for ``Conv1D``)."""
-        weight = self.module.weight.data
+        """The weight as ``[out, in]``: a view of the parameter (transposed for ``Conv1D``, one
+        expert's slice of a fused parameter)."""
+        weight = getattr(self.module, self.parameter).data
+        if self.expert is not None:
+            weight = weight[self.expert]
         return weight.t() if self.transposed else weight
 
     def write_weight(self, weight: torch.Tensor) -> None:
-        """Copy an ``[out, in]`` weight into the module in place, in the module's dtype."""
+        """Copy an ``[out, in]`` weight into the parameter in place, in the parameter's dtype."""
         self.read_weight().copy_(weight)
 
 
@@ -117,26 +144,60 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
 
 
+def fused_expert_parameters(module: nn.Module) -> list[tuple[str, bool]]:
+    """``[(parameter name, transposed)]`` of a fused mixture-of-experts module's expert weights.
+
+    A fused experts module (every ``@use_experts_implementation`` class of transformers 5:
+    ``MixtralExperts``, ``Qwen2MoeExperts``, ...) has an integer ``num_experts`` and holds each
+    projection of all experts in one 3-D parameter ``[num_experts, out, in]``, or
+    ``[num_experts, in, out]`` when its ``is_transposed`` (set by that decorator) is True.
+    Biases (2-D) are not matrices. Any other module gives ``[]`` and stays dense: a Mamba
+    ``conv1d`` weight is 3-D but holds no experts, and Llama 4's undecorated
+    ``Llama4TextExperts`` stores ``[E, in, out]`` without declaring it, so guessing its layout
+    could prune along the wrong axis.
+    """
+    num_experts = getattr(module, "num_experts", None)
+    transposed = getattr(module, "is_transposed", None)
+    if not isinstance(transposed, bool) or isinstance(num_experts, bool) or not isinstance(num_experts, int):
+        return []
+    return [
+        (name, transposed)
+        for name, param in module.named_parameters(recurse=False)
+        if param.dim() == 3 and param.shape[0] == num_experts and param.is_floating_point()
+    ]
+
+
 def prunable_matrices(layer: nn.Module, exclude: tuple[str, ...] = ()) -> list[PrunableMatrix]:
     """The layer's 2-D weight matrices that the solvers prune, in registration order.
 
-    ``exclude`` holds shell-style patterns matched against the name inside the layer
-    (``"mlp.gate"`` keeps a MoE router dense). Excluded matrices are left untouched.
+    A fused experts module contributes one matrix per expert and parameter, expert by expert
+    (``mlp.experts.0.gate_up_proj``, ``mlp.experts.0.down_proj``, ``mlp.experts.1.gate_up_proj``,
+    ...). A router stored as a bare parameter (transformers 5 ``MixtralTopKRouter.weight``) is
+    no matrix of this list and stays dense. ``exclude`` holds shell-style patterns matched
+    against the name inside the layer (``"mlp.experts.*"`` keeps every expert dense; for older
+    MoE code whose router is an ``nn.Linear``, ``"mlp.gate"`` keeps it dense). Excluded
+    matrices are left untouched.
     """
     found = []
     for name, module in layer.named_modules():
         if not name:
             continue
         if isinstance(module, nn.Linear):
-            matrix = PrunableMatrix(name, module, transposed=False)
+            candidates = [PrunableMatrix(name, module, transposed=False)]
         elif _is_conv1d(module):
-            matrix = PrunableMatrix(name, module, transposed=True)
+            candidates = [PrunableMatrix(name, module, transposed=True)]
         else:
-            continue
-        if any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude):
-            logger.debug("not pruning %s (excluded)", name)
-            continue
-        found.append(matrix)
+            fused = fused_expert_parameters(module)
+            candidates = [
+                PrunableMatrix(f"{name}.{expert}.{parameter}", module, transposed, parameter, expert)
+                for expert in range(module.num_experts if fused else 0)
+                for parameter, transposed in fused
+            ]
+        for matrix in candidates:
+            if any(fnmatch.fnmatchcase(matrix.name, pattern) for pattern in exclude):
+                logger.debug("not pruning %s (excluded)", matrix.name)
+                continue
+            found.append(matrix)
     return found
 
 

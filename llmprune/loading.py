@@ -226,7 +226,7 @@ def _check_declared(param: torch.Tensor, entry: dict, label: str) -> None:
             f"{label}: is {list(param.shape)} {fmt.dtype_name(param.dtype)} but declared "
             f"{entry['shape']} {entry['dtype']}"
         )
-    fmt.verify_matrix(param.t() if entry["transposed"] else param, entry, label)
+    fmt.verify_matrix(param.transpose(-2, -1) if entry["transposed"] else param, entry, label)
 
 
 # ------------------------------------------------------------------------------ compressed
@@ -441,6 +441,8 @@ def _use_sparse_linear(model, entries: dict, kept: dict, *, backend: str, min_bi
 
     converted = 0
     for name, entry in entries.items():
+        if len(entry["shape"]) != 2:
+            continue  # fused MoE experts (3-D): no sparse kernel for them; they stay dense
         module_name = name.rpartition(".")[0]
         parent_name, _, child = module_name.rpartition(".")
         module = model.get_submodule(module_name)
