@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import uuid
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -109,22 +111,41 @@ def pruned_parameters(model, metadata: dict, pruned: dict[str, dict | None] | No
 
     ``pruned`` (parameter name -> pattern dict or None) wins if given; else the matrices named
     in ``metadata["layers"]`` (a ``PruneResult.to_dict()``) with ``metadata["recipe"]["pattern"]``;
-    else nothing is declared pruned. ``transposed`` is True for GPT-2 ``Conv1D``.
+    else nothing is declared pruned. ``transposed`` is True for GPT-2 ``Conv1D`` and for fused
+    experts stored ``[E, in, out]``.
+
+    Mixture-of-experts: a reported expert slice (``mlp.experts.3.gate_up_proj`` of layer 0)
+    declares its whole fused 3-D parameter (``model.layers.0.mlp.experts.gate_up_proj``), once;
+    its entry has the 3-D shape and ``compressed.verify_matrix`` checks nnz and pattern on every
+    expert. When some expert of that parameter is missing from the report (no token was
+    routed to it, or it was excluded), it is still dense, so the parameter is declared with
+    pattern None: only its nonzero count is checked.
     """
     from .arch import find_decoder_layers, prunable_matrices
 
     path, layers = find_decoder_layers(model)
-    transposed = {
-        f"{path}.{index}.{matrix.name}.weight": matrix.transposed
-        for index, layer in enumerate(layers)
-        for matrix in prunable_matrices(layer)
-    }
+    transposed: dict[str, bool] = {}
+    parameter_of: dict[tuple[int, str], str] = {}  # (layer index, matrix name) -> parameter name
+    matrices_of: dict[str, set[tuple[int, str]]] = {}  # parameter name -> its matrices
+    for index, layer in enumerate(layers):
+        for matrix in prunable_matrices(layer):
+            parameter = f"{path}.{index}.{matrix.parameter_name}"
+            transposed[parameter] = matrix.transposed
+            parameter_of[(index, matrix.name)] = parameter
+            matrices_of.setdefault(parameter, set()).add((index, matrix.name))
     if pruned is None:
         pattern = (metadata.get("recipe") or {}).get("pattern")
-        pruned = {
-            f"{path}.{layer['index']}.{matrix['name']}.weight": pattern
+        reported = [
+            (layer["index"], matrix["name"])
             for layer in metadata.get("layers") or []
             for matrix in layer.get("matrices") or []
+        ]
+        unknown = [f"{path}.{index}.{name}" for index, name in reported if (index, name) not in parameter_of]
+        if unknown:
+            raise UsageError(f"{unknown[0]} is not a prunable matrix of a decoder layer of {type(model).__name__}")
+        complete = set(reported)
+        pruned = {
+            parameter_of[key]: pattern if matrices_of[parameter_of[key]] <= complete else None for key in reported
         }
     unknown = sorted(set(pruned) - set(transposed))
     if unknown:
@@ -144,6 +165,7 @@ def save_checkpoint(
     repo_id: str | None = None,
     overwrite: bool = False,
     max_shard_bytes: int | None = None,
+    layer_files: tuple[str, Callable[[int], dict]] | None = None,
 ) -> Path:
     """Save a pruned model as a ``dense`` or ``compressed`` llmprune checkpoint folder.
 
@@ -152,6 +174,10 @@ def save_checkpoint(
     (see :func:`pruned_parameters`). ``base_model``: ``modelcard.base_model_info(...)``.
     ``repo_id`` only fills the loading snippets of the model card. The model is not
     modified except that GGUF bookkeeping is dropped (``prepare_for_save``).
+    ``layer_files``: ``(decoder stack path, read_layer)`` for a model whose decoder layers
+    are on the meta device (``--offload disk``): layer i's tensors come from
+    ``read_layer(i)`` (``WorkDir.read_layer``), one layer in memory at a time, and the dense
+    format is written by :func:`write_dense_shards` instead of ``save_pretrained``.
     """
     from . import compressed, modelcard
     from .models import prepare_for_save
@@ -159,8 +185,16 @@ def save_checkpoint(
     check_save_format(save_format)
     prepare_for_save(model)
     declared = pruned_parameters(model, metadata, pruned)
+    state = None
+    if layer_files is not None:
+        tensors, tied = compressed.unique_state(model)
+        state = (StreamedState(tensors, *layer_files), tied)
     with atomic_dir(target, overwrite) as tmp:
-        if save_format == "dense":
+        if save_format == "dense" and state is not None:
+            _save_config(model, tmp)
+            entries = write_dense_shards(state[0], tmp, declared, max_shard_bytes or compressed.DEFAULT_MAX_SHARD_BYTES)
+            stored = {name: math.prod(e["shape"]) * _itemsize(e["dtype"]) for name, e in entries.items()}
+        elif save_format == "dense":
             kwargs = {} if max_shard_bytes is None else {"max_shard_size": max_shard_bytes}
             model.save_pretrained(tmp, safe_serialization=True, **kwargs)
             params = model.state_dict()
@@ -170,18 +204,15 @@ def save_checkpoint(
             }
             stored = {name: params[name].numel() * params[name].element_size() for name in entries}
         else:
-            model.config.architectures = [type(model).__name__]
-            model.config.save_pretrained(tmp)
-            if getattr(model, "generation_config", None) is not None and model.can_generate():
-                model.generation_config.save_pretrained(tmp)
+            _save_config(model, tmp)
             entries = compressed.write_shards(
-                model, tmp, declared, max_shard_bytes=max_shard_bytes or compressed.DEFAULT_MAX_SHARD_BYTES
+                model, tmp, declared, max_shard_bytes=max_shard_bytes or compressed.DEFAULT_MAX_SHARD_BYTES, state=state
             )
             stored = _stored_bytes(tmp, entries)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         dense_bytes = {
-            name: e["shape"][0] * e["shape"][1] * _itemsize(e["dtype"]) for name, e in entries.items()
+            name: math.prod(e["shape"]) * _itemsize(e["dtype"]) for name, e in entries.items()
         }
         weight_files = sorted(p.name for p in tmp.glob("*.safetensors"))
         payload = {
@@ -202,6 +233,93 @@ def save_checkpoint(
         modelcard.write_card(tmp, repo_id=repo_id)
     logger.info("saved %s checkpoint to %s", save_format, target)
     return Path(target)
+
+
+def _save_config(model, folder: Path) -> None:
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(folder)
+
+
+class StreamedState(Mapping):
+    """A state dict whose decoder-layer tensors are read on access, one layer at a time.
+
+    ``tensors``: the model's unique tensors (``compressed.unique_state``), decoder-layer ones
+    on the meta device; ``prefix``: the decoder stack's path; ``read_layer(i)``: layer i's
+    tensors by full name. Iterating in state-dict order reads each layer once.
+    """
+
+    def __init__(self, tensors: dict, prefix: str, read_layer: Callable[[int], dict]):
+        self.tensors = tensors
+        self.prefix = prefix + "."
+        self.read_layer = read_layer
+        self._cached: tuple[int, dict] | None = None
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __getitem__(self, name: str):
+        tensor = self.tensors[name]
+        if not tensor.is_meta:
+            return tensor
+        if not name.startswith(self.prefix):
+            raise KeyError(f"{name} has no weights (meta) and is not in a decoder layer")
+        index = int(name[len(self.prefix):].split(".", 1)[0])
+        if self._cached is None or self._cached[0] != index:
+            self._cached = None  # free the previous layer before reading the next
+            self._cached = (index, self.read_layer(index))
+        return self._cached[1][name]
+
+
+def write_dense_shards(state: Mapping, folder: Path, declared: dict, max_shard_bytes: int) -> dict[str, dict]:
+    """Write ``state`` as a standard Hugging Face safetensors checkpoint (``model.safetensors``,
+    or ``model-0000i-of-0000N.safetensors`` shards of at most ``max_shard_bytes`` plus
+    ``model.safetensors.index.json``), reading one tensor at a time. Returns the entry of every
+    ``declared`` pruned weight (``pruned_parameters``), stored densely."""
+    from safetensors.torch import save_file
+
+    from . import compressed
+
+    entries: dict[str, dict] = {}
+    shards: list[tuple[str, list[str]]] = []
+    current: dict = {}
+    current_bytes = total = 0
+
+    def flush() -> None:
+        nonlocal current, current_bytes
+        if current:
+            name = f".shard-{len(shards) + 1:05d}.tmp"
+            save_file(current, str(folder / name), metadata={"format": "pt"})
+            shards.append((name, list(current)))
+            current, current_bytes = {}, 0
+
+    for name in state:
+        tensor = state[name].detach().to("cpu").contiguous()
+        if name in declared:
+            transposed, pattern = declared[name]
+            entries[name] = compressed.make_entry(tensor, "dense", transposed, pattern)
+        size = tensor.numel() * tensor.element_size()
+        if current and current_bytes + size > max_shard_bytes:
+            flush()
+        current[name] = tensor
+        current_bytes += size
+        total += size
+    flush()
+    if len(shards) == 1:
+        os.replace(folder / shards[0][0], folder / "model.safetensors")
+        return entries
+    weight_map = {}
+    for index, (tmp_name, names) in enumerate(shards, start=1):
+        final = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+        os.replace(folder / tmp_name, folder / final)
+        weight_map.update({n: final for n in names})
+    index_data = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index_data, indent=2) + "\n")
+    return entries
 
 
 def _itemsize(dtype_name: str) -> int:

@@ -77,6 +77,8 @@ def main(method: str | None = None, argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: nothing was saved", file=sys.stderr)
         return 130
+    if not result.is_main:
+        return 0  # another rank of a torchrun job: rank 0 prints
     print(_format_table(result))
     if result.config.save:
         print(f"checkpoint: {result.config.save}")

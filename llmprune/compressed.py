@@ -13,10 +13,14 @@ entry (the same entry as in ``llmprune.json``):
      "nnz": 442368}
 
 ``transposed`` is True for GPT-2 ``Conv1D`` (its parameter is ``[in, out]``; the packed
-matrix is its transpose ``[out, in]``). Shards are ``llmprune-compressed-XXXXX-of-YYYYY.safetensors``
-listed by ``llmprune-compressed.safetensors.index.json``; the names are chosen so that
-``transformers`` does not mistake the folder for a dense checkpoint (it finds no
-``model.safetensors`` and refuses).
+matrix is its transpose ``[out, in]``). A fused mixture-of-experts parameter (transformers 5
+``mlp.experts.gate_up_proj`` ``[E, out, in]``, or ``[E, in, out]`` with ``transposed``) is
+one entry with a 3-D ``shape``; it is always stored ``"dense"`` (no per-expert packing), and
+its ``nnz`` and N:M pattern are checked expert by expert. Shards are
+``llmprune-compressed-XXXXX-of-YYYYY.safetensors`` listed by
+``llmprune-compressed.safetensors.index.json``; the names are chosen so that ``transformers``
+does not mistake the folder for a dense checkpoint (it finds no ``model.safetensors`` and
+refuses).
 
 Reading does not use ``safetensors.safe_open``: that maps the whole shard, and the mapped
 pages count towards the process's memory next to the model being built (two copies of a
@@ -233,11 +237,17 @@ def check_entry(entry: object, where: str) -> dict:
     if entry["storage"] not in STORAGES:
         raise CheckpointError(f"{where}: unknown storage {entry['storage']!r} (expected one of {STORAGES})")
     shape = entry["shape"]
-    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) and s > 0 for s in shape)):
-        raise CheckpointError(f"{where}: shape must be two positive integers, got {shape!r}")
+    if not (isinstance(shape, list) and len(shape) in (2, 3) and all(isinstance(s, int) and s > 0 for s in shape)):
+        raise CheckpointError(
+            f"{where}: shape must be two positive integers (three for fused experts), got {shape!r}"
+        )
+    if len(shape) == 3 and entry["storage"] != "dense":
+        raise CheckpointError(
+            f"{where}: a fused experts parameter {shape} must be stored dense, not {entry['storage']}"
+        )
     parse_dtype_name(entry["dtype"], where)
-    if not isinstance(entry["nnz"], int) or not 0 <= entry["nnz"] <= shape[0] * shape[1]:
-        raise CheckpointError(f"{where}: nnz must be an integer in [0, {shape[0] * shape[1]}], got {entry['nnz']!r}")
+    if not isinstance(entry["nnz"], int) or not 0 <= entry["nnz"] <= math.prod(shape):
+        raise CheckpointError(f"{where}: nnz must be an integer in [0, {math.prod(shape)}], got {entry['nnz']!r}")
     pattern = entry["pattern"]
     if pattern is not None:
         from .spec import pattern_from_dict
@@ -252,10 +262,25 @@ def check_entry(entry: object, where: str) -> dict:
 def verify_matrix(matrix: Tensor, entry: dict, where: str) -> None:
     """Check a pruned ``[N, K]`` matrix against its entry's declared ``nnz`` and N:M pattern.
 
-    Works in blocks of rows (bounded temporaries). ``where`` names the file and tensor.
+    A fused experts parameter comes as ``[E, N, K]``: ``nnz`` is its total, the pattern is
+    checked on each expert's ``[N, K]``. Works in blocks of rows (bounded temporaries).
+    ``where`` names the file and tensor.
     """
     pattern = entry["pattern"]
     nm = (pattern["n"], pattern["m"]) if pattern and pattern.get("kind") == "nm" else None
+    if matrix.dim() == 3:
+        nnz = sum(_checked_nonzeros(expert, nm, f"{where} expert {index}") for index, expert in enumerate(matrix))
+    else:
+        nnz = _checked_nonzeros(matrix, nm, where)
+    if nnz != entry["nnz"]:
+        raise CheckpointError(
+            f"{where}: has {nnz} nonzeros but the checkpoint declares {entry['nnz']} "
+            f"(pattern {pattern_label(pattern)})"
+        )
+
+
+def _checked_nonzeros(matrix: Tensor, nm: tuple[int, int] | None, where: str) -> int:
+    """Nonzeros of an ``[N, K]`` matrix; raises CheckpointError if a row breaks the N:M pattern ``nm``."""
     rows, cols = matrix.shape
     if nm and cols % nm[1]:
         raise CheckpointError(f"{where}: input size {cols} is not a multiple of {nm[1]}, so it cannot be {nm[0]}:{nm[1]}")
@@ -274,11 +299,7 @@ def verify_matrix(matrix: Tensor, entry: dict, where: str) -> None:
                 f"{where}: violates its declared pattern {n}:{m}: row {r0 + row}, columns {m * group}:{m * group + m} "
                 f"hold {int(counts[row, group])} nonzeros"
             )
-    if nnz != entry["nnz"]:
-        raise CheckpointError(
-            f"{where}: has {nnz} nonzeros but the checkpoint declares {entry['nnz']} "
-            f"(pattern {pattern_label(pattern)})"
-        )
+    return nnz
 
 
 # ------------------------------------------------------------------------- safetensors reading
@@ -422,6 +443,9 @@ def unique_state(model: torch.nn.Module) -> tuple[dict[str, Tensor], dict[str, s
     tied: dict[str, str] = {}
     seen: dict[tuple, str] = {}
     for name, tensor in model.state_dict().items():
+        if tensor.is_meta:  # no storage to compare (a decoder layer offloaded to disk)
+            tensors[name] = tensor
+            continue
         key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
                tensor.dtype)
         if tensor.numel() and key in seen:
@@ -438,16 +462,21 @@ def write_shards(
     pruned: dict[str, tuple[bool, dict | None]],
     *,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    state: tuple | None = None,
 ) -> dict[str, dict]:
     """Write the model's tensors into compressed shards plus the index, in ``folder``.
 
+    ``state``: ``(tensors, tied)`` to write instead of ``unique_state(model)`` (a
+    ``checkpoint.StreamedState`` reads decoder layers on access).
+
     ``pruned`` maps parameter names to ``(transposed, declared pattern dict or None)``.
-    Returns the entry of every pruned parameter (``storage`` says how it was stored).
+    Returns the entry of every pruned parameter (``storage`` says how it was stored). A fused
+    experts parameter (3-D) is stored dense: the kernels pack matrices, not stacks of them.
     One packed weight's tensors always go into one shard. Memory: one shard's tensors.
     """
     from safetensors.torch import save_file
 
-    tensors, tied = unique_state(model)
+    tensors, tied = unique_state(model) if state is None else state
     unknown = sorted(set(pruned) - set(tensors))
     if unknown:
         raise UsageError(f"pruned weights {unknown[:3]} are not tensors of {type(model).__name__}")
@@ -478,10 +507,13 @@ def write_shards(
         group: dict[str, Tensor]
         if name in pruned:
             transposed, pattern = pruned[name]
-            if tensor.dim() != 2:
-                raise UsageError(f"pruned weight {name} is {tensor.dim()}-D, expected a matrix")
-            matrix = tensor.t() if transposed else tensor  # [out, in]
-            storage, fields = pack_weight(matrix.contiguous())
+            if tensor.dim() not in (2, 3):
+                raise UsageError(f"pruned weight {name} is {tensor.dim()}-D, expected a matrix or fused experts")
+            if tensor.dim() == 3:
+                storage, fields = "dense", None
+            else:
+                matrix = tensor.t() if transposed else tensor  # [out, in]
+                storage, fields = pack_weight(matrix.contiguous())
             entry = make_entry(tensor, storage, transposed, pattern)
             entries[name] = entry
             if fields is not None:

@@ -47,6 +47,14 @@ class PruneConfig:
     commit_message: str | None = _opt(None, "commit message for --push-to-hub")
     results: str | None = _opt(None, "write the results JSON here (CLI default: llmprune-results/<model>-<method>-<pattern>-<time>.json)")
     device: str = _opt("auto", "compute device: auto, cpu, cuda, cuda:N")
+    offload: str = _opt(
+        "cpu",
+        "where decoder layers wait while not processed: cpu (whole model in host memory) or disk (model built "
+        "on the meta device, each layer read from the safetensors shards only while processed)",
+    )
+    offload_activations: str = _opt("device", "where calibration hidden states live: device, cpu or disk (a file in the work folder)")
+    work_dir: str | None = _opt(None, "folder for per-layer state (pruned layers, progress); makes the run resumable")
+    resume: bool = _opt(False, "continue the run recorded in --work-dir from its first unfinished layer")
     dtype: str = _opt("auto", "model dtype: auto, float32, float16, bfloat16")
     true_sequential: bool = _opt(False, "prune each input group (attention in, o_proj, MLP in, down) after the previous")
     percdamp: float = _opt(0.01, "SparseGPT dampening, as a fraction of the mean Hessian diagonal")

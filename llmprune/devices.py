@@ -85,6 +85,6 @@ def explain_out_of_memory(where: str):
         yield
     except torch.OutOfMemoryError as error:
         raise RuntimeError(
-            f"out of memory on the compute device while {where}; lower --nsamples or --seqlen, "
-            "or run with --device cpu"
+            f"out of memory on the compute device while {where}; keep the calibration hidden states off it "
+            "with --offload-activations cpu (or disk), lower --nsamples or --seqlen, or run with --device cpu"
         ) from error

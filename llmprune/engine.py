@@ -12,6 +12,7 @@ Where things happen:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import time
@@ -155,6 +156,38 @@ def capture_layer_calls(
     return CapturedCalls(hidden, calls)
 
 
+@contextlib.contextmanager
+def replay_final_states(layers: nn.ModuleList, hidden):
+    """While active, a forward pass of the model skips its decoder layers and continues from
+    the stored final hidden states: ``hidden[k]`` for the k-th pass (one window each).
+
+    Layers before the last return their input unchanged; the last returns the stored state.
+    The model's own tail (final norm, lm_head, logit scaling or soft-capping) then computes
+    the logits, so a perplexity can be taken from states propagated layer by layer.
+    """
+    position = [0]
+    saved_forwards = []
+
+    def make_passthrough(hidden_name: str) -> Callable:
+        return lambda *args, **kwargs: args[0] if args else kwargs[hidden_name]
+
+    def last(*args, **kwargs):
+        state = hidden[position[0]]
+        position[0] += 1
+        return state
+
+    for index, layer in enumerate(layers):
+        saved_forwards.append(layer.__dict__.get("forward"))
+        layer.forward = last if index == len(layers) - 1 else make_passthrough(_first_param_name(layer))
+    try:
+        yield
+    finally:
+        for layer, saved in zip(layers, saved_forwards):
+            del layer.forward
+            if saved is not None:
+                layer.forward = saved
+
+
 def _same_call(a: LayerCall, b: LayerCall) -> bool:
     return a.hidden_key == b.hidden_key and _same(a.args, b.args) and _same(a.kwargs, b.kwargs)
 
@@ -173,6 +206,10 @@ class MatrixReport:
 
     def to_dict(self) -> dict:
         return {**self.__dict__, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MatrixReport:
+        return cls(**{**data, "shape": tuple(data["shape"])})
 
 
 @dataclass
@@ -196,15 +233,40 @@ class LayerReport:
             "matrices": [m.to_dict() for m in self.matrices],
         }
 
+    @classmethod
+    def from_dict(cls, data: dict) -> LayerReport:
+        """Read back :meth:`to_dict` (a resumed run's earlier layers)."""
+        return cls(
+            index=data["index"],
+            matrices=[MatrixReport.from_dict(m) for m in data["matrices"]],
+            groups=data["groups"],
+            output_rel_error=data["output_rel_error"],
+            seconds=data["seconds"],
+            forward_passes=data["forward_passes"],
+            left_dense=data.get("left_dense", []),
+        )
+
 
 # -------------------------------------------------------------------------------- loop
 
 
-def _solve_matrix(layer_index: int, matrix: PrunableMatrix, method: Method, statistic, pattern, options) -> MatrixReport:
+def _solve_matrix(layer_index: int, matrix: PrunableMatrix, method: Method, statistic, pattern, options,
+                  group=None) -> MatrixReport:
+    """Solve one matrix in place. With several ranks, rank 0 solves and broadcasts the weight."""
     start = time.perf_counter()
     weight = matrix.read_weight()
-    result = method.solve(weight, statistic, pattern, **options)
-    matrix.write_weight(result.weight)
+    error = None
+    if group is None or group.is_main:
+        result = method.solve(weight, statistic, pattern, **options)
+        matrix.write_weight(result.weight)
+        error = result.error
+    if group is not None and group.active:
+        pruned = matrix.read_weight().contiguous()
+        group.broadcast_(pruned, src=0)
+        matrix.write_weight(pruned)
+        loss = torch.tensor([float("nan") if error is None else error], dtype=torch.float64)
+        group.broadcast_(loss, src=0)
+        error = None if loss.isnan().item() else loss.item()
     zeros = (matrix.read_weight() == 0).sum().item()
     return MatrixReport(
         layer=layer_index,
@@ -212,8 +274,34 @@ def _solve_matrix(layer_index: int, matrix: PrunableMatrix, method: Method, stat
         shape=(matrix.out_features, matrix.in_features),
         sparsity=zeros / weight.numel(),
         solve_seconds=time.perf_counter() - start,
-        loss=result.error,
+        loss=error,
     )
+
+
+@dataclass
+class Stream:
+    """Hidden states run through every decoder layer alongside the calibration data.
+
+    Used for a streamed perplexity (``--offload disk``, where the whole model is never in
+    memory): ``hidden`` holds the evaluation windows' states, ``calls`` how each layer is
+    called for them (``CapturedCalls.calls``). A ``dense`` stream goes through each layer
+    before it is pruned, the others after.
+    """
+
+    name: str
+    hidden: object  # llmprune.offload.HiddenStates
+    calls: list[list[LayerCall]]
+    dense: bool
+
+
+def _propagate(layer: nn.Module, index: int, calls: list[LayerCall], hidden, what: str) -> None:
+    """Replace ``hidden[i]`` by the layer's output for window i, checking it is finite."""
+    with torch.no_grad():
+        for i, call in enumerate(calls):
+            out = call.call(layer, hidden[i])
+            if not torch.isfinite(out).all():
+                raise ValueError(f"layer {index}: non-finite outputs ({what}, window {i})")
+            hidden[i] = out
 
 
 def prune_without_data(
@@ -225,24 +313,17 @@ def prune_without_data(
     exclude: tuple[str, ...] = (),
     options: dict | None = None,
     show_progress: bool = True,
+    **loop_options,
 ) -> list[LayerReport]:
-    """Prune every layer with a data-free method (magnitude): no capture, no forward pass."""
-    reports = []
-    for index, layer in enumerate(tqdm(layers, desc=f"{method.name}", disable=not show_progress)):
-        devices.move_module(layer, device)
-        report = LayerReport(index)
-        start = time.perf_counter()
-        for matrix in prunable_matrices(layer, exclude):
-            report.matrices.append(_solve_matrix(index, matrix, method, None, pattern, options or {}))
-        report.seconds["solve"] = time.perf_counter() - start
-        devices.move_module(layer, torch.device("cpu"))
-        reports.append(report)
-    return reports
+    """Prune every layer with a data-free method (magnitude): no calibration forward pass.
+    ``loop_options`` as for :func:`prune_layers` (weights, streams, start, on_layer_done)."""
+    return prune_layers(layers, None, method, pattern, device, exclude=exclude, options=options,
+                        show_progress=show_progress, **loop_options)
 
 
 def prune_layers(
     layers: nn.ModuleList,
-    captured: CapturedCalls,
+    captured: CapturedCalls | None,
     method: Method,
     pattern: Pattern,
     device: torch.device,
@@ -252,79 +333,176 @@ def prune_layers(
     options: dict | None = None,
     offload_to: torch.device | None = torch.device("cpu"),
     show_progress: bool = True,
+    weights=None,
+    hidden=None,
+    streams: tuple[Stream, ...] | list[Stream] = (),
+    start: int = 0,
+    on_layer_done: Callable[[int, LayerReport], None] | None = None,
+    group=None,
 ) -> list[LayerReport]:
     """Prune ``layers`` in order, in place, from the captured calibration calls.
 
     Per layer: (1) one forward pass over all samples with hooks accumulating statistics
     (``true_sequential``: one pass per input group, each after the previous groups were
-    pruned), (2) solve each matrix, (3) one more forward pass whose outputs replace
-    ``captured.hidden`` as the next layer's inputs. ``captured.hidden`` is consumed.
-    The relative output error ``||Y_pruned - Y_dense|| / ||Y_dense||`` is measured against
-    the dense outputs of the first statistics pass.
+    pruned), (2) solve each matrix, (3) one more forward pass whose outputs replace the
+    hidden states as the next layer's inputs. The relative output error
+    ``||Y_pruned - Y_dense|| / ||Y_dense||`` is measured against the dense outputs of the
+    first statistics pass. ``captured=None`` (a data-free method): only step (2).
+
+    weights: where layers live between uses (``llmprune.offload.MemoryLayers`` /
+        ``DiskLayers``); default: in memory, moved to ``device`` and back to ``offload_to``.
+    hidden: the calibration hidden states (``llmprune.offload.HiddenStates``); default:
+        ``captured.hidden`` kept on the device. Consumed.
+    streams: extra hidden states propagated through the dense or pruned layers (:class:`Stream`).
+    start: layers before it were pruned by an earlier, interrupted run; they are read back
+        pruned from the work folder (``weights.load(..., pruned=True)``) and only propagate.
+    on_layer_done: called with ``(index, report)`` after each newly pruned layer was released.
+    group: a ``llmprune.distributed.ProcessGroup``; with several ranks the statistics are
+        summed over ranks, rank 0 solves and broadcasts the pruned weights.
+    Returns the reports of the layers pruned by this call (from ``start`` on).
     """
+    from .offload import HiddenStates, MemoryLayers
+
     options = options or {}
-    hidden = captured.hidden
+    if weights is None:
+        weights = MemoryLayers(layers, "layers", offload_to=offload_to)
+    if hidden is None and captured is not None:
+        hidden = HiddenStates.from_tensors("device", captured.hidden, device)
     reports = []
     bar = tqdm(total=len(layers), desc=method.name, disable=not show_progress)
-    for index, layer in enumerate(layers):
+    for index in range(len(layers)):
+        resumed = index < start
         report = LayerReport(index)
-        calls = captured.calls[index]
         with devices.explain_out_of_memory(f"pruning decoder layer {index}"):
-            devices.move_module(layer, device)
-            matrices = prunable_matrices(layer, exclude)
-            collector = StatisticsCollector(matrices, method.stat_cls)
-            dense_out: list[torch.Tensor] = []
-            step = 0
-            while True:
-                collector.active = {step} if true_sequential else None
-                start = time.perf_counter()
-                with collector, torch.no_grad():
-                    for i, call in enumerate(calls):
-                        out = call.call(layer, hidden[i])
-                        collector.end_sample()
-                        if report.forward_passes == 0:
-                            dense_out.append(out)
-                report.forward_passes += 1
-                report.seconds["statistics"] = report.seconds.get("statistics", 0.0) + time.perf_counter() - start
-                to_solve = range(len(collector.groups)) if not true_sequential else [step]
-                start = time.perf_counter()
-                for group in to_solve:
-                    statistic = collector.stats.pop(group).value()
-                    for matrix in collector.groups[group]:
-                        try:
-                            report.matrices.append(_solve_matrix(index, matrix, method, statistic, pattern, options))
-                        except (ValueError, RuntimeError) as error:
-                            raise type(error)(f"layer {index} {matrix.name}: {error}") from error
-                    # The statistic (a [in, in] Hessian for SparseGPT) is freed here, before
-                    # the next group's is built, so at most one lives at a time.
-                    del statistic
-                report.seconds["solve"] = report.seconds.get("solve", 0.0) + time.perf_counter() - start
-                step += 1
-                if not true_sequential or step >= len(collector.groups):
-                    break
-            report.groups = [[m.name for m in group] for group in collector.groups]
-            report.left_dense = collector.check_all_seen(index)
-
-            start = time.perf_counter()
-            err_num = err_den = 0.0
-            with torch.no_grad():
-                for i, call in enumerate(calls):
-                    out = call.call(layer, hidden[i])
-                    if not torch.isfinite(out).all():
-                        raise ValueError(f"layer {index}: non-finite outputs after pruning (sample {i})")
-                    diff = (out.float() - dense_out[i].float()).pow(2).sum().item()
-                    err_num += diff
-                    err_den += dense_out[i].float().pow(2).sum().item()
-                    dense_out[i] = None
-                    hidden[i] = out
-            report.forward_passes += 1
-            report.seconds["propagate"] = time.perf_counter() - start
-            report.output_rel_error = (err_num / err_den) ** 0.5 if err_den > 0 else 0.0
-        if offload_to is not None:
-            devices.move_module(layer, offload_to)
+            t0 = time.perf_counter()
+            dense_streams = [s for s in streams if s.dense]
+            if not resumed or dense_streams:
+                layer = weights.load(index, device)
+            report.seconds["load"] = time.perf_counter() - t0
+            for stream in dense_streams:
+                _propagate(layer, index, stream.calls[index], stream.hidden, f"dense {stream.name}")
+            if resumed:
+                t0 = time.perf_counter()
+                layer = weights.load(index, device, pruned=True)
+                report.seconds["load"] += time.perf_counter() - t0
+                if captured is not None:
+                    _propagate(layer, index, captured.calls[index], hidden, "calibration")
+            else:
+                if captured is None:
+                    t0 = time.perf_counter()
+                    for matrix in prunable_matrices(layer, exclude):
+                        report.matrices.append(_solve_matrix(index, matrix, method, None, pattern, options, group))
+                    report.seconds["solve"] = time.perf_counter() - t0
+                else:
+                    _prune_layer_from_data(layer, index, captured.calls[index], hidden, method, pattern, exclude,
+                                           true_sequential, options, report, group)
+            for stream in streams:
+                if not stream.dense:
+                    _propagate(layer, index, stream.calls[index], stream.hidden, f"pruned {stream.name}")
+            t0 = time.perf_counter()
+            weights.release(index, write=not resumed and (group is None or group.is_main))
+            report.seconds["write"] = time.perf_counter() - t0
         devices.empty_cache(device)
-        reports.append(report)
-        bar.set_postfix(layer=index, err=f"{report.output_rel_error:.3g}")
+        if not resumed:
+            reports.append(report)
+            if on_layer_done is not None:
+                on_layer_done(index, report)
+            if report.output_rel_error is not None:
+                bar.set_postfix(layer=index, err=f"{report.output_rel_error:.3g}")
         bar.update()
     bar.close()
     return reports
+
+
+def _prune_layer_from_data(layer, index, calls, hidden, method, pattern, exclude, true_sequential, options,
+                           report: LayerReport, group) -> None:
+    """Statistics pass(es), solve and propagation of one decoder layer (see :func:`prune_layers`)."""
+    matrices = prunable_matrices(layer, exclude)
+    collector = StatisticsCollector(matrices, method.stat_cls)
+    dense_out = hidden.spare()
+    step = 0
+    while True:
+        collector.active = {step} if true_sequential else None
+        t0 = time.perf_counter()
+        with collector, torch.no_grad():
+            for i, call in enumerate(calls):
+                try:
+                    out = call.call(layer, hidden[i])
+                except ValueError as error:  # a statistic refused NaN/Inf inputs; it names the module
+                    raise ValueError(f"layer {index}, calibration window {i}: {error}") from error
+                collector.end_sample()
+                if report.forward_passes == 0:
+                    dense_out[i] = out
+        report.forward_passes += 1
+        report.seconds["statistics"] = report.seconds.get("statistics", 0.0) + time.perf_counter() - t0
+        to_solve = range(len(collector.groups)) if not true_sequential else [step]
+        t0 = time.perf_counter()
+        for members, stat in _statistics_to_solve(collector, to_solve, matrices, method, group):
+            statistic = stat.value() if stat.n_samples else None
+            if statistic is not None and not bool(torch.isfinite(statistic).all()):
+                names = ", ".join(m.name for m in members)
+                raise ValueError(f"layer {index} {names}: the calibration statistic overflowed to Inf/NaN "
+                                 "(activations too large for fp32 sums)")
+            for matrix in members:
+                if statistic is None:
+                    continue  # routed no tokens on any rank: left dense (check_all_seen warns)
+                try:
+                    report.matrices.append(_solve_matrix(index, matrix, method, statistic, pattern, options, group))
+                except (ValueError, RuntimeError) as error:
+                    raise type(error)(f"layer {index} {matrix.name}: {error}") from error
+            # The statistic (a [in, in] Hessian for SparseGPT) is freed here, before the next
+            # group's is built, so at most one lives at a time.
+            del statistic, stat
+        report.seconds["solve"] = report.seconds.get("solve", 0.0) + time.perf_counter() - t0
+        step += 1
+        if not true_sequential or step >= len(collector.groups):
+            break
+    report.groups = [[m.name for m in g] for g in collector.groups]
+    solved = {m.name for m in report.matrices}  # with several ranks: also experts routed on other ranks only
+    report.left_dense = [name for name in collector.check_all_seen(index) if name not in solved]
+
+    t0 = time.perf_counter()
+    err_num = err_den = 0.0
+    with torch.no_grad():
+        for i, call in enumerate(calls):
+            out = call.call(layer, hidden[i])
+            if not torch.isfinite(out).all():
+                raise ValueError(f"layer {index}: non-finite outputs after pruning (sample {i})")
+            dense = dense_out[i].float()
+            err_num += (out.float() - dense).pow(2).sum().item()
+            err_den += dense.pow(2).sum().item()
+            dense_out.clear(i)
+            hidden[i] = out
+    dense_out.close()
+    if group is not None and group.active:
+        err_num, err_den = group.sum_floats([err_num, err_den])
+    report.forward_passes += 1
+    report.seconds["propagate"] = time.perf_counter() - t0
+    report.output_rel_error = (err_num / err_den) ** 0.5 if err_den > 0 else 0.0
+
+
+def _statistics_to_solve(collector: StatisticsCollector, to_solve, matrices, method: Method, group):
+    """Yield ``(matrices sharing a statistic, statistic)`` for the groups in ``to_solve``,
+    popping each from the collector so it can be freed after its solve.
+
+    With several ranks the statistics are first summed over ranks
+    (``ProcessGroup.reduce_statistics``), keyed by the group's matrix names: call order can
+    differ between ranks (a MoE expert routed tokens on one rank only), names cannot. Every
+    rank then walks the same sorted keys, so the broadcasts of the solved weights match.
+    """
+    # A group can lack a statistic: with true_sequential, an expert routed tokens in an earlier
+    # pass but none in its own; check_all_seen reports it.
+    if group is None or not group.active:
+        for g in to_solve:
+            if g in collector.stats:
+                yield collector.groups[g], collector.stats.pop(g)
+        return
+    by_name = {m.name: m for m in matrices}
+    keyed = {",".join(m.name for m in collector.groups[g]): collector.stats.pop(g)
+             for g in to_solve if g in collector.stats}
+    device = next(iter(keyed.values())).device if keyed else torch.device("cpu")
+    merged = group.reduce_statistics(
+        keyed, lambda key: method.stat_cls(by_name[key.split(",")[0]].in_features, device)
+    )
+    for key in list(merged):
+        yield [by_name[name] for name in key.split(",")], merged.pop(key)

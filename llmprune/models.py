@@ -265,6 +265,28 @@ def load_model(
     return model, tokenizer
 
 
+def local_folder(source: str | os.PathLike | ModelSource, *, revision: str | None = None) -> Path:
+    """A local folder with the model's config, tokenizer and safetensors weights: the folder
+    itself, the GGUF conversion cache for an alias or .gguf file, or a Hub snapshot
+    (``huggingface_hub.snapshot_download`` of the safetensors, JSON and tokenizer files)."""
+    src = source if isinstance(source, ModelSource) else resolve_model_source(source)
+    if revision is not None and src.kind != "hub":
+        raise UsageError(f"revision '{revision}' applies only to Hugging Face Hub ids, not to {src.kind} '{src.source}'")
+    if src.kind == "folder":
+        folder = Path(src.resolved)
+        _check_folder(folder, src.source)
+        return folder
+    if src.kind == "hub":
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(src.source, revision=revision, allow_patterns=[
+                "*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt"]))
+        except (OSError, HFValidationError) as error:
+            raise UsageError(f"could not download model '{src.source}' from the Hugging Face Hub: {_first_line(error)}") from None
+    return _converted_gguf_folder(src)
+
+
 def model_max_length(model: PreTrainedModel | PretrainedConfig) -> int | None:
     """Maximum number of positions from the (text) config: max_position_embeddings,
     n_positions, max_sequence_length, seq_length, n_ctx or max_seq_len; None if unknown."""

@@ -63,25 +63,8 @@ def perplexity(
     batch_size = _check_int("batch_size", batch_size, minimum=1)
     if max_tokens is not None:
         max_tokens = _check_int("max_tokens", max_tokens, minimum=1)
-    if tokens.dim() == 2 and tokens.shape[0] == 1:
-        stream = tokens[0]
-    elif tokens.dim() == 1:
-        stream = tokens
-    else:
-        raise UsageError(f"tokens of shape {list(tokens.shape)} are not valid: pass one stream, [1, T] or [T]")
-    if max_tokens is not None:
-        stream = stream[:max_tokens]
-
-    bos_id = _model_bos_id(model) if add_bos else None
-    stride = seqlen - 1 if add_bos else seqlen  # stream tokens per window
-    n_windows = stream.numel() // stride
-    if n_windows == 0:
-        raise UsageError(
-            f"{source or 'tokens'}: {stream.numel()} tokens do not fill one window of {stride} stream tokens "
-            f"(seqlen={seqlen}{', with BOS' if add_bos else ''}): use a smaller seqlen or more tokens"
-        )
-    # (n_windows, stride), tail dropped
-    windows = stream[: n_windows * stride].reshape(n_windows, stride).to(torch.long)
+    windows = eval_windows(model, tokens, seqlen=seqlen, source=source, max_tokens=max_tokens, add_bos=add_bos)
+    n_windows = windows.shape[0]
     if device is None:
         device = next(model.parameters()).device
 
@@ -93,10 +76,7 @@ def perplexity(
     try:
         with torch.inference_mode():
             for start in range(0, n_windows, batch_size):
-                batch = windows[start : start + batch_size].to(device)  # (B, stride)
-                if bos_id is not None:
-                    bos = torch.full((batch.shape[0], 1), bos_id, dtype=torch.long, device=device)
-                    batch = torch.cat([bos, batch], dim=1)  # (B, seqlen)
+                batch = windows[start : start + batch_size].to(device)  # (B, seqlen)
                 logits = model(input_ids=batch, use_cache=False).logits  # (B, seqlen, V)
                 # Position p predicts token p + 1; with BOS at 0 that covers every stream token.
                 # Upcast one window at a time: only one (seqlen - 1, V) fp32 copy exists at once.
@@ -125,6 +105,43 @@ def perplexity(
         source or "(tokens)", result.ppl, result.nll, seqlen, n_windows, n_tokens,
     )
     return result
+
+
+def eval_windows(
+    model,
+    tokens: torch.LongTensor,
+    *,
+    seqlen: int,
+    source: str = "",
+    max_tokens: int | None = None,
+    add_bos: bool = False,
+) -> torch.LongTensor:
+    """The ``[n_windows, seqlen]`` model inputs :func:`perplexity` evaluates, in order (BOS
+    first in each window with ``add_bos``; the id from ``model.config``). Raises UsageError
+    for bad arguments or too few tokens for one window."""
+    seqlen = _check_int("seqlen", seqlen, minimum=2 if add_bos else 1)
+    if max_tokens is not None:
+        max_tokens = _check_int("max_tokens", max_tokens, minimum=1)
+    if tokens.dim() == 2 and tokens.shape[0] == 1:
+        stream = tokens[0]
+    elif tokens.dim() == 1:
+        stream = tokens
+    else:
+        raise UsageError(f"tokens of shape {list(tokens.shape)} are not valid: pass one stream, [1, T] or [T]")
+    if max_tokens is not None:
+        stream = stream[:max_tokens]
+    bos_id = _model_bos_id(model) if add_bos else None
+    stride = seqlen - 1 if add_bos else seqlen  # stream tokens per window
+    n_windows = stream.numel() // stride
+    if n_windows == 0:
+        raise UsageError(
+            f"{source or 'tokens'}: {stream.numel()} tokens do not fill one window of {stride} stream tokens "
+            f"(seqlen={seqlen}{', with BOS' if add_bos else ''}): use a smaller seqlen or more tokens"
+        )
+    windows = stream[: n_windows * stride].reshape(n_windows, stride).to(device="cpu", dtype=torch.long)
+    if bos_id is not None:
+        windows = torch.cat([torch.full((n_windows, 1), bos_id, dtype=torch.long), windows], dim=1)
+    return windows
 
 
 def _model_bos_id(model) -> int:
