@@ -115,6 +115,10 @@ class WorkDir:
             if not self.layer_path(index).is_file():
                 raise UsageError(f"--resume: {self.layer_path(index)} is missing; remove the work folder to start over")
         self.progress = progress
+        # What a killed run left half-written: temporary files and hidden-state files
+        # (``--offload-activations disk``); neither is ever read back.
+        for stale in [*self.path.glob(".*.partial-*"), *self.path.glob("hidden-*.bin")]:
+            stale.unlink(missing_ok=True)
         logger.info("resuming from %s: %d layers already pruned", self.path, done)
         return done
 

@@ -202,12 +202,14 @@ def test_killed_run_resumes_to_the_identical_result(offload, slow_llama_dir, tex
     assert run.returncode == -signal.SIGKILL, f"the run was not killed partway: {run.stderr.read()[-3000:]!r}"
     progress = json.loads(progress_file.read_text())
     assert 2 <= progress["completed_layers"] < 8 and not progress["finished"]
+    (work / "hidden-leftover.bin").write_bytes(b"\0" * 64)  # as a killed --offload-activations disk run leaves
     assert not (tmp_path / "never").exists()
 
     resumed = subprocess.run(cli(*common, "--work-dir", str(work), "--resume", "--save", str(tmp_path / "resumed"),
                                  "--results", str(tmp_path / "resumed.json")), env=env, capture_output=True,
                              text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not (work / "hidden-leftover.bin").exists()
     assert_same_weights(tmp_path / "reference", tmp_path / "resumed")
     want = json.loads((tmp_path / "reference.json").read_text())
     got = json.loads((tmp_path / "resumed.json").read_text())
