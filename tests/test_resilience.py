@@ -246,3 +246,23 @@ def test_out_of_memory_in_a_layer_names_it_and_the_option(tiny_llama_dir, texts,
         llmprune.prune("tiny", loaded_model=model, tokenizer=tokenizer,
                        **fast(texts, method="wanda", pattern="2:4", eval="none"))
     assert isinstance(info.value.__cause__, torch.OutOfMemoryError)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("offload", ["cpu", "disk"])
+def test_half_precision_models_prune_with_fp32_statistics(dtype, offload, tiny_llama_dir, texts, monkeypatch,
+                                                           tmp_path, one_thread):
+    from llmprune import stats
+
+    seen = []
+    original = stats.HessianStat.value
+    monkeypatch.setattr(stats.HessianStat, "value", lambda self: seen.append(original(self).dtype) or original(self))
+    result = llmprune.prune(str(tiny_llama_dir), dtype=dtype, offload=offload, save=str(tmp_path / "out"),
+                            **fast(texts, method="sparsegpt", pattern="2:4", blocksize=32))
+    assert seen and set(seen) == {torch.float32}
+    weight = llmprune.load(tmp_path / "out").model.layers[0].mlp.down_proj.weight
+    assert weight.dtype == getattr(torch, dtype)
+    assert (weight != 0).reshape(weight.shape[0], -1, 4).sum(-1).max() <= 2
+    assert abs(result.sparsity - 0.5) < 1e-9
+    for measured in (*result.dense_ppl.values(), *result.pruned_ppl.values()):
+        assert measured.ppl == measured.ppl and measured.ppl < 1e4  # finite, not NaN
