@@ -273,7 +273,9 @@ def _prune(config: PruneConfig, pattern: Pattern, group, device: torch.device, t
                     exclude=config.exclude_patterns, show_progress=config.progress and group.is_main, group=group)
         options_for_solver = {"percdamp": config.percdamp, "blocksize": config.blocksize} if config.method == "sparsegpt" else {}
         captured = hidden = None
-        if needs_data:
+        # A resumed run whose layers are all done only reads them back: no calibration pass.
+        calibrate = needs_data and first_layer < len(layers)
+        if calibrate:
             start = time.perf_counter()
             with devices.explain_out_of_memory("capturing the inputs of the decoder layers"):
                 captured = engine.capture_layer_calls(model_obj, layers, calibration, device, show_progress=config.progress)
@@ -281,7 +283,7 @@ def _prune(config: PruneConfig, pattern: Pattern, group, device: torch.device, t
             hidden = store(captured.hidden)
         if offload_disk:  # embeddings and lm_head are idle until the evaluation: not held meanwhile
             offload.release_outside_layers(model_obj, layers, where)
-        if needs_data:
+        if calibrate:
             new_reports = engine.prune_layers(
                 layers, captured, method, pattern, device, hidden=hidden,
                 true_sequential=config.true_sequential, options=options_for_solver, **loop,

@@ -150,6 +150,7 @@ def test_work_folder_refuses_mismatches(tiny_llama_dir, texts, tmp_path, one_thr
     # A finished folder resumes to the same result without pruning anything again.
     again = llmprune.prune(str(tiny_llama_dir), work_dir=work, resume=True, **options)
     assert [r.to_dict() for r in again.layers] == progress["layers"]
+    assert "capture" not in again.seconds  # every layer read back, no calibration pass
 
 
 @pytest.fixture(scope="module")
