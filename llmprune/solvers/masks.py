@@ -82,8 +82,27 @@ def keep_mask(score: Tensor, pattern: Pattern, row_groups: bool) -> Tensor:
     tensor. N:M: groups of ``m`` consecutive input columns in each row.
     """
     if isinstance(pattern, NM):
-        return keep_mask_nm(score, pattern.n, pattern.m)
-    return keep_mask_unstructured(score, float(pattern.sparsity), dim=-1 if row_groups else None)
+        return _by_rows(score, lambda rows: keep_mask_nm(rows, pattern.n, pattern.m))
+    if row_groups:
+        return _by_rows(score, lambda rows: keep_mask_unstructured(rows, float(pattern.sparsity), dim=-1))
+    return keep_mask_unstructured(score, float(pattern.sparsity), dim=None)
+
+
+# Rows ranked per argsort call: its int64 indices are 8 bytes per score, so without chunks a
+# 4096 x 11008 matrix would need 360 MB of indices besides the scores (32 MB per chunk here).
+_RANK_CHUNK_ELEMENTS = 1 << 22
+
+
+def _by_rows(score: Tensor, mask_of_rows) -> Tensor:
+    """``mask_of_rows`` applied to blocks of whole rows of a [out, in] score; the same mask as
+    one call (every comparison group lies inside a row), with bounded sort workspace."""
+    rows = max(1, _RANK_CHUNK_ELEMENTS // max(1, score.shape[-1]))
+    if score.shape[0] <= rows:
+        return mask_of_rows(score)
+    keep = torch.empty(score.shape, dtype=torch.bool, device=score.device)
+    for start in range(0, score.shape[0], rows):
+        keep[start : start + rows] = mask_of_rows(score[start : start + rows])
+    return keep
 
 
 def check_weight(weight: Tensor, pattern: Pattern) -> None:
