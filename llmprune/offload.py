@@ -29,6 +29,7 @@ import logging
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -101,11 +102,14 @@ class MemoryLayers:
 class DiskLayers:
     """Decoder layers read from safetensors shards only while processed (``--offload disk``).
 
-    ``where``: ``{state-dict name: (shard header, key in that shard)}`` for every layer
-    tensor, from :func:`load_skeleton`. Pruned layers go to (and come back from) ``workdir``.
+    ``where``: ``{state-dict name: (shard header, key) or Converted}`` from
+    :func:`load_skeleton`; ``model`` the model the layers belong to (conversions may need its
+    config). Pruned layers go to (and come back from) ``workdir``.
     """
 
-    def __init__(self, layers: nn.ModuleList, prefix: str, where: dict, dtype: torch.dtype | None, workdir):
+    def __init__(self, model: nn.Module, layers: nn.ModuleList, prefix: str, where: dict,
+                 dtype: torch.dtype | None, workdir):
+        self.model = model
         self.layers = layers
         self.prefix = prefix
         self.where = where
@@ -124,21 +128,20 @@ class DiskLayers:
                     raise RuntimeError(f"{self.workdir.layer_path(index)}: tensor {name} is missing")
                 _set_tensor(layer, name[local:], saved[name].to(device))
             return layer
-        by_shard: dict[Path, list[str]] = {}
+        done: set[str] = set()
         for name in names:
-            header, _key = self.where[name]
-            by_shard.setdefault(header.path, []).append(name)
-        for names_in_shard in by_shard.values():
-            header = self.where[names_in_shard[0]][0]
-            keys = {self.where[n][1]: n for n in names_in_shard}
-            for key, tensor in fmt.iter_tensors(header, list(keys), str(header.path)):
-                name = keys[key]
-                target = names[name]
-                if tensor.is_floating_point() and self.dtype is not None:
-                    tensor = tensor.to(self.dtype)
-                elif tensor.is_floating_point() and target.is_floating_point():
-                    tensor = tensor.to(target.dtype)
-                _set_tensor(layer, name[local:], tensor.to(device))
+            if name in done:
+                continue  # produced by the conversion of an earlier name (one tensor split in several)
+            for produced, tensor in _materialize(name, self.where[name], self.model).items():
+                if produced not in names:
+                    raise RuntimeError(f"reading {name} produced {produced}, which is not a tensor of layer {index}")
+                target = names[produced]
+                if tensor.is_floating_point() and target.is_floating_point():
+                    tensor = tensor.to(self.dtype or target.dtype)
+                if tuple(tensor.shape) != tuple(target.shape):
+                    raise RuntimeError(f"{produced}: read {list(tensor.shape)}, the model expects {list(target.shape)}")
+                _set_tensor(layer, produced[local:], tensor.to(device))
+                done.add(produced)
         return layer
 
     def release(self, index: int, *, write: bool) -> None:
@@ -179,44 +182,77 @@ def load_offloaded(source: str, *, dtype: str = "auto", trust_remote_code: bool 
     return model, tokenizer, prefix, where
 
 
-def _model_names(model: nn.Module, stored: dict[str, tuple]) -> dict[str, tuple]:
-    """Map checkpoint keys to the model's state-dict names, as ``from_pretrained`` would.
+@dataclass
+class Converted:
+    """Model tensors transformers builds from several checkpoint tensors while loading (a
+    ``WeightConverter``: Mixtral's per-expert ``w1``/``w3`` fused into ``gate_up_proj``)."""
 
-    Uses transformers' own renaming rules for the model (``conversion_mapping``: e.g.
-    GPT-NeoX's ``embed_out`` -> ``lm_head``) and its ``base_model_prefix`` handling (GPT-2
-    checkpoints omit ``transformer.``). Keys that need a tensor conversion (a
-    ``WeightConverter``, such as per-expert MoE weights fused into one tensor) are left out,
-    so the caller reports the model tensor they would have produced as missing.
-    Falls back to exact names plus the prefix rule if these transformers internals change.
+    converter: object  # the WeightConverter, copied for every use
+    sources: list[tuple[str, str, tuple]]  # (checkpoint key, source pattern, (header, key))
+
+
+def _model_names(model: nn.Module, stored: dict[str, tuple]) -> dict[str, tuple | Converted]:
+    """Map the model's state-dict names to where their values are stored, as ``from_pretrained``
+    reads them: ``(header, key)`` for a tensor stored as is (possibly renamed), or a
+    :class:`Converted` for one built by a ``WeightConverter``.
+
+    Uses transformers' own rules for the model (``conversion_mapping``: GPT-NeoX's ``embed_out``
+    -> ``lm_head``, Mixtral's per-expert weights fused) and its ``base_model_prefix`` handling
+    (GPT-2 checkpoints omit ``transformer.``). These are transformers internals (tested with
+    5.24); if they change, this falls back to exact names plus the prefix rule.
     """
     meta = model.state_dict()
     base = getattr(model, "base_model_prefix", "") or ""
+    names: dict[str, tuple | Converted] = {}
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, rename_source_key
+        from transformers.core_model_loading import WeightConverter, dot_natural_key, rename_source_key
 
         transforms = get_model_conversion_mapping(model)
         renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
         converters = [t for t in transforms if isinstance(t, WeightConverter)]
-
-        def rename(key: str) -> str | None:
-            name, converted_by = rename_source_key(key, renamings, converters, base or None, meta)
-            return None if converted_by is not None else name
-    except (ImportError, TypeError, AttributeError):  # other transformers versions
-
-        def rename(key: str) -> str | None:
-            if key in meta or not base:
-                return key
-            if key.startswith(base + ".") and key[len(base) + 1 :] in meta:
-                return key[len(base) + 1 :]
-            return f"{base}.{key}"
-
-    names: dict[str, tuple] = {}
+        for key in sorted(stored, key=dot_natural_key):  # experts 0, 1, ..., 10 in order, as transformers
+            name, pattern = rename_source_key(key, renamings, converters, base or None, meta)
+            if pattern is None:
+                names.setdefault(name, stored[key])
+                continue
+            converter = next(c for c in converters if pattern in c.source_patterns)
+            entry = names.get(name)
+            if not isinstance(entry, Converted):
+                entry = names[name] = Converted(converter, [])
+                first = converter.target_patterns[0]
+                for other in converter.target_patterns[1:]:  # one source split into several tensors
+                    names[name.replace(first, other)] = entry
+            entry.sources.append((key, pattern, stored[key]))
+        return names
+    except (ImportError, TypeError, AttributeError, ValueError, StopIteration):  # other transformers versions
+        names.clear()
     for key, found in stored.items():
-        name = rename(key)
-        if name is not None:
-            names.setdefault(name, found)
+        if key in meta or not base:
+            name = key
+        elif key.startswith(base + ".") and key[len(base) + 1 :] in meta:
+            name = key[len(base) + 1 :]
+        else:
+            name = f"{base}.{key}"
+        names.setdefault(name, found)
     return names
+
+
+def _materialize(name: str, entry: tuple | Converted, model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{state-dict name: CPU tensor}`` read from the shards for ``name``: one tensor, or every
+    tensor its conversion produces (in the checkpoint's dtype)."""
+    if not isinstance(entry, Converted):
+        header, key = entry
+        with header.path.open("rb") as f:
+            return {name: fmt.read_tensor(f, header.tensors[key], f"{header.path}: tensor {key}")}
+    import copy
+
+    converter = copy.deepcopy(entry.converter)
+    for key, pattern, (header, stored_key) in entry.sources:
+        with header.path.open("rb") as f:
+            tensor = fmt.read_tensor(f, header.tensors[stored_key], f"{header.path}: tensor {stored_key}")
+        converter.add_tensor(name, key, pattern, tensor)
+    return dict(converter.convert(name, model=model, config=model.config))
 
 
 def _shard_headers(folder: Path) -> dict[str, tuple[fmt.ShardHeader, str]]:
@@ -277,14 +313,14 @@ def load_skeleton(folder: Path, name: str, dtype: torch.dtype | str, trust_remot
                 continue  # a buffer the model computes itself (rotary tables, ...)
             raise UsageError(
                 f"--offload disk: tensor {state_name} of {type(model).__name__} is not in the shards of {name} "
-                "(its checkpoint tensors need a conversion, such as fusing MoE experts, that --offload disk does not do); "
-                "run with --offload cpu"
+                "under any name transformers would read it from; run with --offload cpu"
             )
-        header, key = found
-        info = header.tensors[key]
-        if tuple(info.shape) != tuple(tensor.shape):
-            raise UsageError(f"--offload disk: {header.path}: tensor {key} is {list(info.shape)}, "
-                             f"the model expects {list(tensor.shape)}")
+        if not isinstance(found, Converted):  # converted tensors are checked once built
+            header, key = found
+            info = header.tensors[key]
+            if tuple(info.shape) != tuple(tensor.shape):
+                raise UsageError(f"--offload disk: {header.path}: tensor {key} is {list(info.shape)}, "
+                                 f"the model expects {list(tensor.shape)}")
         where[state_name] = found
     load_outside_layers(model, layers, where)
     for state_name, tensor in model.state_dict(keep_vars=True).items():
@@ -309,9 +345,7 @@ def load_outside_layers(model: nn.Module, layers: nn.ModuleList, where: dict) ->
         if id(target) in seen:
             continue
         seen.add(id(target))
-        header, key = where[state_name]
-        with header.path.open("rb") as f:
-            value = fmt.read_tensor(f, header.tensors[key], f"{header.path}: tensor {key}")
+        value = _materialize(state_name, where[state_name], model)[state_name]
         if value.is_floating_point():
             value = value.to(target.dtype)
         _set_tensor(model, state_name, value)

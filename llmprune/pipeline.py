@@ -228,7 +228,7 @@ def _prune(config: PruneConfig, pattern: Pattern, group, device: torch.device, t
         group.broadcast_(first_layer, src=0)
         first_layer = int(first_layer.item())
         if offload_disk:
-            weights = offload.DiskLayers(layers, prefix, where, None, work)
+            weights = offload.DiskLayers(model_obj, layers, prefix, where, None, work)
         else:
             weights = offload.MemoryLayers(layers, prefix, work)
 

@@ -90,6 +90,34 @@ def test_offload_disk_equals_in_memory_run(family, family_dirs, texts, tmp_path,
     assert not leftovers, f"temporary work folder left behind: {leftovers}"
 
 
+MOE_CONFIGS = {
+    "mixtral": lambda: tf.MixtralConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": lambda: tf.Qwen2MoeConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        shared_expert_intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        num_experts=4, num_experts_per_tok=2),
+}
+
+
+@pytest.mark.parametrize("family", sorted(MOE_CONFIGS))
+def test_offload_disk_builds_fused_experts_like_transformers(family, texts, ptb_train_text, tmp_path, one_thread):
+    """transformers saves MoE experts one by one (``experts.0.w1``...) and fuses them while
+    loading; --offload disk applies the same conversion per layer and gets the same result."""
+    torch.manual_seed(0)
+    source = tmp_path / "source"
+    tf.AutoModelForCausalLM.from_config(MOE_CONFIGS[family]()).save_pretrained(source)
+    word_tokenizer(ptb_train_text, size=128).save_pretrained(source)
+    options = fast(texts, method="sparsegpt", pattern="2:4", blocksize=32)
+    in_memory = llmprune.prune(str(source), save=str(tmp_path / "memory"), **options)
+    on_disk = llmprune.prune(str(source), save=str(tmp_path / "disk"), offload="disk", **options)
+    assert on_disk.dense_ppl == in_memory.dense_ppl and on_disk.pruned_ppl == in_memory.pruned_ppl
+    assert_same_weights(tmp_path / "memory", tmp_path / "disk")
+    plain = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "disk").state_dict()  # fused names load as is
+    assert all(torch.equal(plain[k], v) for k, v in weights(tmp_path / "disk").items())
+
+
 @pytest.mark.parametrize("save_format", ["dense", "compressed"])
 @pytest.mark.parametrize("method", ["wanda", "magnitude"])
 def test_offload_disk_checkpoint_formats(method, save_format, tiny_llama_dir, texts, tmp_path, one_thread):
