@@ -6,9 +6,11 @@ Layer weights (``--offload``):
   the layer being processed is moved to the compute device and back.
 * :class:`DiskLayers` (``disk``): the model is built on the meta device (no weights
   allocated, :func:`load_skeleton`); the modules outside the decoder stack (embeddings,
-  final norm, lm_head) are read from the checkpoint's safetensors shards, and each decoder
-  layer's weights are read from the shards only while that layer is processed, then dropped
-  back to the meta device. Host memory therefore holds one layer, not the model.
+  final norm, lm_head) are read from the checkpoint's safetensors shards (and dropped again
+  while the layers are pruned, :func:`release_outside_layers`), and each decoder layer's
+  weights are read from the shards only while that layer is processed, then dropped back to
+  the meta device. Host memory therefore holds one layer, not the model. Checkpoint keys are
+  mapped to the model's names with transformers' conversion rules (:func:`_model_names`).
 
 Both write each pruned layer to the work folder (:mod:`llmprune.workdir`) when there is one,
 which is what makes a run resumable; ``DiskLayers`` always has one (it is where the pruned
