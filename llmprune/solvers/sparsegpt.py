@@ -122,8 +122,9 @@ def _upper_cholesky_of_inverse(hessian: Tensor, diag: Tensor, percdamp: float) -
     hessian: [in, in], not modified; diag: its diagonal in fp32 with dead channels set to 1
     (it replaces H's diagonal). Row j of U is row j of the inverse Hessian of columns j..
     (after eliminating 0..j-1) over sqrt of its diagonal, which is what the column-by-column
-    OBS updates need. Memory: at most four [in, in] fp32 buffers besides ``hessian`` at once
-    (each intermediate is freed as soon as the next one exists; 485 MB each at in = 11008).
+    OBS updates need. Memory: at most three [in, in] fp32 buffers besides ``hessian`` at once
+    (the factor, the identity and the inverse during the solve; each intermediate is freed as
+    soon as the next one exists; 485 MB each at in = 11008).
     """
     scale = diag.mean()
     frac = percdamp
