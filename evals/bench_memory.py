@@ -414,6 +414,13 @@ def markdown(report: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in runs:
         t = r.get("times", {})
+        if r.get("stopped_after_layers") is not None and t:
+            # Killed for time; the peak and per-layer seconds cover the layers it finished.
+            cells = [r["method"], f"{r['layers']} (stopped after {r['stopped_after_layers']})",
+                     _gib(r["peak_rss_bytes"]), f"{r['wall_s']:.1f}", f"{t['mean_s']:.2f}", f"{t['median_s']:.2f}",
+                     *(f"{t['phase_mean_s'][p]:.2f}" if p in t["phase_mean_s"] else "-" for p in phases)]
+            lines.append("| " + " | ".join(cells) + " |")
+            continue
         if r["returncode"] != 0:
             lines.append(f"| {r['method']} | {r['layers']} | {_gib(r['peak_rss_bytes'])} | {r['wall_s']:.1f} | "
                          f"failed (exit {r['returncode']}) |" + " |" * (len(head) - 5))
