@@ -116,7 +116,6 @@ def capture_layer_calls(
     """
     hidden: list[torch.Tensor] = []
     calls: list[list[LayerCall]] = [[] for _ in layers]
-    saved_forwards = []
 
     def make_recorder(index: int, hidden_name: str) -> Callable:
         def record(*args, **kwargs):
@@ -136,21 +135,12 @@ def capture_layer_calls(
 
         return record
 
-    for index, layer in enumerate(layers):
-        saved_forwards.append(layer.__dict__.get("forward"))
-        layer.forward = make_recorder(index, _first_param_name(layer))
-    try:
-        with torch.no_grad():
-            for row in tqdm(tokens, desc="capture", disable=not show_progress, leave=False):
-                try:
-                    model(input_ids=row.unsqueeze(0).to(device), use_cache=False)
-                except _StopForward:
-                    pass
-    finally:
-        for layer, saved in zip(layers, saved_forwards):
-            del layer.forward
-            if saved is not None:
-                layer.forward = saved
+    with _forwards_replaced(layers, make_recorder), torch.no_grad():
+        for row in tqdm(tokens, desc="capture", disable=not show_progress, leave=False):
+            try:
+                model(input_ids=row.unsqueeze(0).to(device), use_cache=False)
+            except _StopForward:
+                pass
     if len(hidden) != len(tokens) or any(len(c) != len(tokens) for c in calls):
         raise RuntimeError("capture failed: not every decoder layer was called once per sample")
     return CapturedCalls(hidden, calls)
@@ -166,19 +156,29 @@ def replay_final_states(layers: nn.ModuleList, hidden):
     the logits, so a perplexity can be taken from states propagated layer by layer.
     """
     position = [0]
-    saved_forwards = []
-
-    def make_passthrough(hidden_name: str) -> Callable:
-        return lambda *args, **kwargs: args[0] if args else kwargs[hidden_name]
 
     def last(*args, **kwargs):
         state = hidden[position[0]]
         position[0] += 1
         return state
 
+    def make_replacement(index: int, hidden_name: str) -> Callable:
+        if index == len(layers) - 1:
+            return last
+        return lambda *args, **kwargs: args[0] if args else kwargs[hidden_name]
+
+    with _forwards_replaced(layers, make_replacement):
+        yield
+
+
+@contextlib.contextmanager
+def _forwards_replaced(layers: nn.ModuleList, make: Callable[[int, str], Callable]):
+    """Replace layer i's ``forward`` by ``make(i, name of its hidden-states parameter)`` while
+    active; the original forwards are restored on exit, even after an exception."""
+    saved_forwards = []
     for index, layer in enumerate(layers):
         saved_forwards.append(layer.__dict__.get("forward"))
-        layer.forward = last if index == len(layers) - 1 else make_passthrough(_first_param_name(layer))
+        layer.forward = make(index, _first_param_name(layer))
     try:
         yield
     finally:
@@ -355,7 +355,8 @@ def prune_layers(
         ``captured.hidden`` kept on the device. Consumed.
     streams: extra hidden states propagated through the dense or pruned layers (:class:`Stream`).
     start: layers before it were pruned by an earlier, interrupted run; they are read back
-        pruned from the work folder (``weights.load(..., pruned=True)``) and only propagate.
+        pruned from the work folder (``weights.load(..., pruned=True)``) and only propagate,
+        or, when nothing runs through them, only restored (``weights.restore``).
     on_layer_done: called with ``(index, report)`` after each newly pruned layer was released.
     group: a ``llmprune.distributed.ProcessGroup``; with several ranks the statistics are
         summed over ranks, rank 0 solves and broadcasts the pruned weights.
@@ -381,7 +382,9 @@ def prune_layers(
             report.seconds["load"] = time.perf_counter() - t0
             for stream in dense_streams:
                 _propagate(layer, index, stream.calls[index], stream.hidden, f"dense {stream.name}")
-            if resumed:
+            if resumed and captured is None and all(s.dense for s in streams):
+                weights.restore(index)  # nothing runs the pruned layer: no need to bring it in
+            elif resumed:
                 t0 = time.perf_counter()
                 layer = weights.load(index, device, pruned=True)
                 report.seconds["load"] += time.perf_counter() - t0

@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from torch import nn
 from . import compressed as fmt
 from . import devices
 from .errors import UsageError
+from .loading import _set_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -55,15 +55,13 @@ def _layer_tensors(layer: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     return {f"{prefix}.{name}": tensor for name, tensor in layer.state_dict(keep_vars=True).items()}
 
 
-def _set_tensor(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    owner_name, _, leaf = name.rpartition(".")
-    owner = module.get_submodule(owner_name) if owner_name else module
-    if leaf in owner._parameters:
-        owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
-    elif leaf in owner._buffers:
-        owner._buffers[leaf] = tensor
-    else:
-        raise KeyError(f"{name} is neither a parameter nor a buffer of {type(module).__name__}")
+def _saved_layer(workdir, index: int, names) -> dict[str, torch.Tensor]:
+    """Layer ``index`` as written to the work folder; every name in ``names`` must be there."""
+    saved = workdir.read_layer(index)
+    missing = [name for name in names if name not in saved]
+    if missing:
+        raise RuntimeError(f"{workdir.layer_path(index)}: tensor {missing[0]} is missing")
+    return saved
 
 
 class MemoryLayers:
@@ -86,6 +84,10 @@ class MemoryLayers:
             self._copy_from_workdir(index, layer)
         return devices.move_module(layer, device)
 
+    def restore(self, index: int) -> None:
+        """Put layer ``index``'s pruned weights from the work folder into the model, where it is."""
+        self._copy_from_workdir(index, self.layers[index])
+
     def release(self, index: int, *, write: bool) -> None:
         """Done with layer ``index``: write it to the work folder if ``write``, move it off the device."""
         layer = self.layers[index]
@@ -94,10 +96,9 @@ class MemoryLayers:
         devices.move_module(layer, self.offload_to)
 
     def _copy_from_workdir(self, index: int, layer: nn.Module) -> None:
-        saved = self.workdir.read_layer(index)
-        for name, tensor in _layer_tensors(layer, f"{self.prefix}.{index}").items():
-            if name not in saved:
-                raise RuntimeError(f"{self.workdir.layer_path(index)}: tensor {name} is missing")
+        tensors = _layer_tensors(layer, f"{self.prefix}.{index}")
+        saved = _saved_layer(self.workdir, index, tensors)
+        for name, tensor in tensors.items():
             tensor.data.copy_(saved[name])
 
 
@@ -124,10 +125,8 @@ class DiskLayers:
         names = {n: t for n, t in _layer_tensors(layer, f"{self.prefix}.{index}").items() if n in self.where}
         local = len(f"{self.prefix}.{index}.")
         if pruned:
-            saved = self.workdir.read_layer(index)
+            saved = _saved_layer(self.workdir, index, names)
             for name in names:
-                if name not in saved:
-                    raise RuntimeError(f"{self.workdir.layer_path(index)}: tensor {name} is missing")
                 _set_tensor(layer, name[local:], saved[name].to(device))
             return layer
         done: set[str] = set()
@@ -145,6 +144,10 @@ class DiskLayers:
                 _set_tensor(layer, produced[local:], tensor.to(device))
                 done.add(produced)
         return layer
+
+    def restore(self, index: int) -> None:
+        """Nothing to do: layer ``index``'s pruned weights stay in the work folder, where the
+        checkpoint is assembled from."""
 
     def release(self, index: int, *, write: bool) -> None:
         """Write layer ``index`` to the work folder if ``write``; then free its weights (back to meta)."""
@@ -393,7 +396,6 @@ class HiddenStates:
         self._shape: torch.Size | None = None
         self._dtype: torch.dtype | None = None
         self._slot_bytes = 0
-        self.read_seconds = 0.0
 
     @classmethod
     def from_tensors(cls, kind: str, tensors: list[torch.Tensor], device: torch.device, folder=None) -> HiddenStates:
@@ -463,10 +465,8 @@ class HiddenStates:
     def _read(self, index: int) -> torch.Tensor:
         if self._file is None or self._items[index] is None:
             raise IndexError(f"hidden state {index} was never stored")
-        start = time.perf_counter()
         buf = torch.empty(self._slot_bytes, dtype=torch.uint8)
         got = os.preadv(self._file.fileno(), [memoryview(buf.numpy())], index * self._slot_bytes)
         if got != self._slot_bytes:
             raise RuntimeError(f"{self._file.name}: short read of hidden state {index}")
-        self.read_seconds += time.perf_counter() - start
         return buf.view(self._dtype).reshape(self._shape).to(self.device)

@@ -59,10 +59,7 @@ def perplexity(
     ``torch.inference_mode`` with ``use_cache=False`` and restored to its previous mode.
     Logits are upcast to fp32 batch by batch; no ``[T, vocab]`` tensor is built.
     """
-    seqlen = _check_int("seqlen", seqlen, minimum=2 if add_bos else 1)
     batch_size = _check_int("batch_size", batch_size, minimum=1)
-    if max_tokens is not None:
-        max_tokens = _check_int("max_tokens", max_tokens, minimum=1)
     windows = eval_windows(model, tokens, seqlen=seqlen, source=source, max_tokens=max_tokens, add_bos=add_bos)
     n_windows = windows.shape[0]
     if device is None:

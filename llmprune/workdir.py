@@ -135,15 +135,8 @@ class WorkDir:
         """Write one pruned layer's tensors atomically (temporary file, then rename)."""
         from safetensors.torch import save_file
 
-        target = self.layer_path(index)
-        tmp = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
-        try:
-            save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
-            _fsync(tmp)
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        _replace_durably(self.layer_path(index), lambda tmp: save_file(cpu, str(tmp)))
 
     def read_layer(self, index: int) -> dict[str, torch.Tensor]:
         """The tensors written by :meth:`write_layer` (read into memory, no mapping)."""
@@ -170,20 +163,22 @@ class WorkDir:
             shutil.rmtree(self.path, ignore_errors=True)
 
     def _write_progress(self) -> None:
-        target = self.path / PROGRESS_FILE
-        tmp = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
-        try:
-            tmp.write_text(json.dumps(self.progress, indent=1) + "\n")
-            _fsync(tmp)
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        text = json.dumps(self.progress, indent=1) + "\n"
+        _replace_durably(self.path / PROGRESS_FILE, lambda tmp: tmp.write_text(text))
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _replace_durably(target: Path, write) -> None:
+    """``write(tmp)`` a temporary file beside ``target``, fsync it and rename it onto
+    ``target``; on any failure the temporary file is removed and ``target`` is untouched."""
+    tmp = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
