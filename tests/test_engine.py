@@ -79,6 +79,29 @@ def record_real_calls(model, layers, ids):
     return calls, last_out
 
 
+def assert_same_value(actual, expected, where: str) -> None:
+    """Independent oracle for captured arguments: same structure, tensors equal element by element."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor), f"{where}: expected a tensor, got {type(actual).__name__}"
+        assert actual.shape == expected.shape, f"{where}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+        assert actual.dtype == expected.dtype, f"{where}: dtype {actual.dtype} != {expected.dtype}"
+        assert torch.equal(actual, expected), f"{where}: tensor values differ"
+    elif isinstance(expected, (tuple, list)):
+        assert type(actual) is type(expected), f"{where}: {type(actual).__name__} != {type(expected).__name__}"
+        assert len(actual) == len(expected), f"{where}: length {len(actual)} != {len(expected)}"
+        for k, (a, e) in enumerate(zip(actual, expected)):
+            assert_same_value(a, e, f"{where}[{k}]")
+    elif isinstance(expected, dict):
+        assert isinstance(actual, dict), f"{where}: expected a dict, got {type(actual).__name__}"
+        assert sorted(actual) == sorted(expected), f"{where}: keys {sorted(actual)} != {sorted(expected)}"
+        for key in expected:
+            assert_same_value(actual[key], expected[key], f"{where}[{key!r}]")
+    elif expected is None or isinstance(expected, (bool, int, float, str)):
+        assert type(actual) is type(expected) and actual == expected, f"{where}: {actual!r} != {expected!r}"
+    else:
+        pytest.fail(f"{where}: unexpected argument type {type(expected).__name__} in a real layer call")
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_capture_records_what_each_layer_receives(family):
     model = build(family)
@@ -95,8 +118,8 @@ def test_capture_records_what_each_layer_receives(family):
                 assert torch.equal(captured.hidden[sample], hidden)
             rest = args[1:] if call.hidden_key == 0 else args
             kwargs = {k: v for k, v in kwargs.items() if k != call.hidden_key}
-            assert engine._same(call.args, tuple(rest)), f"layer {index} positional args differ"
-            assert engine._same(call.kwargs, kwargs), f"layer {index} keyword args differ"
+            assert_same_value(call.args, tuple(rest), f"layer {index} sample {sample} args")
+            assert_same_value(call.kwargs, kwargs, f"layer {index} sample {sample} kwargs")
 
 
 def test_gemma3_local_and_global_layers_get_different_arguments():

@@ -3,8 +3,10 @@ contract (one line, exit 2, nothing written), checkpoints, and one real-model ru
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +24,23 @@ FAST = dict(dataset="ptb", eval="ptb", nsamples=4, seqlen=32, max_eval_tokens=51
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+
+def expected_calibration_sha256(model_dir: Path, *, source: str, nsamples: int, seqlen: int, seed: int) -> str:
+    """sha256 of the int64 [nsamples, seqlen] calibration ids, built here by the documented protocol
+    (train text tokenized without special tokens, windows stream[i : i + seqlen] with
+    i = random.Random(seed).randint(0, T - seqlen - 1); the tiny Llama's tokenizer adds no BOS)."""
+    from transformers import AutoTokenizer
+
+    from llmprune.data import load_text, needs_bos
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    assert needs_bos(tokenizer) is False
+    stream = tokenizer(load_text(source, "train"), add_special_tokens=False).input_ids
+    rng = random.Random(seed)
+    starts = [rng.randint(0, len(stream) - seqlen - 1) for _ in range(nsamples)]
+    rows = torch.tensor([stream[i : i + seqlen] for i in starts], dtype=torch.int64)
+    return hashlib.sha256(rows.numpy().tobytes()).hexdigest()
 
 
 def logits(model, ids):
@@ -50,7 +69,7 @@ def test_cli_prunes_evaluates_and_saves(tiny_llama_dir, tmp_path):
     assert recipe["method"] == "wanda" and recipe["pattern"] == {"kind": "nm", "n": 2, "m": 4}
     assert recipe["calibration"] == {
         "source": "ptb", "nsamples": 4, "seqlen": 32, "seed": 0,
-        "token_ids_sha256": recipe["calibration"]["token_ids_sha256"],
+        "token_ids_sha256": expected_calibration_sha256(tiny_llama_dir, source="ptb", nsamples=4, seqlen=32, seed=0),
     }
     assert set(meta["versions"]) >= {"llmprune", "torch", "transformers"}
     saved = json.loads(results.read_text())
@@ -77,6 +96,10 @@ def test_calibration_is_deterministic_for_a_seed(tiny_llama_dir):
     assert torch.equal(weights[0], weights[1])
     assert not torch.equal(weights[0], weights[2])
     assert runs[0].calibration_sha256 == runs[1].calibration_sha256 != runs[2].calibration_sha256
+    expected = {s: expected_calibration_sha256(tiny_llama_dir, source="ptb", nsamples=FAST["nsamples"],
+                                               seqlen=FAST["seqlen"], seed=s) for s in (0, 1)}
+    assert expected[0] != expected[1]
+    assert [r.calibration_sha256 for r in runs] == [expected[0], expected[0], expected[1]]
 
 
 @pytest.mark.parametrize(
