@@ -178,7 +178,7 @@ def _write_tokenizer(folder: Path, vocab: int) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from llmprune.data import load_text
+    from llmprune.calibration.data import load_text
 
     specials = ["<unk>", "<s>", "</s>"]
     counts = Counter(w for w in load_text("ptb", "train").split() if w not in specials)
@@ -256,7 +256,7 @@ def write_calibration(folder: Path, path: Path, dataset: str, nsamples: int, seq
     import torch
     from transformers import AutoTokenizer
 
-    from llmprune.data import get_calibration
+    from llmprune.calibration.data import get_calibration
 
     ids = get_calibration(dataset, AutoTokenizer.from_pretrained(folder), nsamples=nsamples, seqlen=seqlen, seed=0)
     tmp = path.with_name(f".{path.name}.partial")

@@ -36,8 +36,8 @@ def run(model: str, dtypes: list[str], patterns: list[str], workdir: Path) -> li
     import torch
 
     import llmprune
-    from llmprune.checkpoint import save_checkpoint
-    from llmprune.modelcard import base_model_info
+    from llmprune.checkpoints.save import save_checkpoint
+    from llmprune.checkpoints.modelcard import base_model_info
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
     ids = torch.tensor(TOKENS)

@@ -71,7 +71,7 @@ def child(folder: str, kernels: bool, plain_transformers: bool) -> dict:
 
     import llmprune
     import llmprune.kernels.linear  # noqa: F401
-    import llmprune.loading  # noqa: F401
+    import llmprune.checkpoints.load  # noqa: F401
 
     torch.set_num_threads(1)
     config = AutoConfig.from_pretrained(folder)
@@ -117,8 +117,8 @@ def build(model: str, workdir: Path) -> list[Path]:
     import torch
 
     import llmprune
-    from llmprune.checkpoint import save_checkpoint
-    from llmprune.modelcard import base_model_info
+    from llmprune.checkpoints.save import save_checkpoint
+    from llmprune.checkpoints.modelcard import base_model_info
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
     base = base_model_info(model)

@@ -1,6 +1,6 @@
 """``PruneConfig``: every option of a pruning run, as one frozen dataclass.
 
-The CLI flags are generated from these fields (``llmprune.cli``), so the Python function
+The CLI flags are generated from these fields (``llmprune.cli.oneshot``), so the Python function
 ``llmprune.prune(...)`` and ``python -m llmprune.<method>`` cannot drift apart. The config
 that produced a checkpoint is saved inside it and read back with :meth:`PruneConfig.from_dict`,
 which rejects unknown keys.

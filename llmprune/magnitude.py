@@ -1,8 +1,8 @@
-"""``python -m llmprune.magnitude --model M ...``: prune with magnitude (see ``llmprune.cli``)."""
+"""``python -m llmprune.magnitude --model M ...``: prune with magnitude (see ``llmprune.cli.oneshot``)."""
 
 import sys
 
-from .cli import main
+from llmprune.cli.oneshot import main
 
 if __name__ == "__main__":
     sys.exit(main("magnitude"))

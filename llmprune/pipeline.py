@@ -14,14 +14,20 @@ from pathlib import Path
 
 import torch
 
-from . import data, devices, distributed, engine, hub, offload, perplexity
-from .arch import check_pattern_fits, find_decoder_layers
-from .checkpoint import check_output_dir, check_save_format, library_versions, save_checkpoint, write_json_atomic
-from .config import METHOD_NAMES, PruneConfig
-from .errors import UsageError
-from .solvers import METHODS
-from .spec import Pattern, parse_pattern, pattern_to_dict
-from .workdir import WorkDir, fingerprint
+from llmprune.calibration import data
+from llmprune.runtime import devices
+from llmprune.runtime import distributed
+from llmprune.oneshot import engine
+from llmprune.checkpoints import hub
+from llmprune.runtime import offload
+from llmprune.evaluation import perplexity
+from llmprune.models.architecture import check_pattern_fits, find_decoder_layers
+from llmprune.checkpoints.save import check_output_dir, check_save_format, library_versions, save_checkpoint, write_json_atomic
+from llmprune.config import METHOD_NAMES, PruneConfig
+from llmprune.errors import UsageError
+from llmprune.solvers import METHODS
+from llmprune.patterns import Pattern, parse_pattern, pattern_to_dict
+from llmprune.runtime.workdir import WorkDir, fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +167,7 @@ def prune(model: str | None = None, *, tokenizer=None, loaded_model=None, **opti
 
 def _prune(config: PruneConfig, pattern: Pattern, group, device: torch.device, tokenizer, loaded_model) -> PruneResult:
     """The body of :func:`prune` for one process (rank ``group.rank`` of a torchrun job)."""
-    from .models import load_model, model_max_length
+    from llmprune.models.sources import load_model, model_max_length
 
     offload_disk = config.offload == "disk"
     seconds: dict[str, float] = {}
@@ -325,7 +331,7 @@ def _prune(config: PruneConfig, pattern: Pattern, group, device: torch.device, t
             return result  # rank 0 saves, writes the results and pushes
         if config.save is not None:
             start = time.perf_counter()
-            from .modelcard import base_model_info
+            from llmprune.checkpoints.modelcard import base_model_info
 
             save_checkpoint(model_obj, tokenizer, config.save, result.to_dict(), save_format=config.save_format,
                             base_model=base_model_info(config.model, config.revision), repo_id=config.push_to_hub,

@@ -1,8 +1,8 @@
-"""``python -m llmprune.sparsegpt --model M ...``: prune with sparsegpt (see ``llmprune.cli``)."""
+"""``python -m llmprune.sparsegpt --model M ...``: prune with sparsegpt (see ``llmprune.cli.oneshot``)."""
 
 import sys
 
-from .cli import main
+from llmprune.cli.oneshot import main
 
 if __name__ == "__main__":
     sys.exit(main("sparsegpt"))

@@ -28,7 +28,7 @@ def word_tokenizer(text: str, size: int = 400):
 
 @pytest.fixture(scope="session")
 def ptb_train_text() -> str:
-    from llmprune.data import load_text
+    from llmprune.calibration.data import load_text
 
     return load_text("ptb", "train")
 

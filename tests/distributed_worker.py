@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from llmprune.distributed import ProcessGroup, destroy, init_process_group
-from llmprune.stats import ColumnNormStat, HessianStat
+from llmprune.runtime.distributed import ProcessGroup, destroy, init_process_group
+from llmprune.calibration.statistics import ColumnNormStat, HessianStat
 
 N_SAMPLES = 7
 IN = 24

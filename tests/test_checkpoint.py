@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
 import llmprune
-from llmprune import compressed as fmt
-from llmprune.checkpoint import save_checkpoint
-from llmprune.compressed import CheckpointError
+from llmprune.checkpoints import format as fmt
+from llmprune.checkpoints.save import save_checkpoint
+from llmprune.checkpoints.format import CheckpointError
 from llmprune.errors import UsageError
 from llmprune.kernels.formats import pack_24, pack_bitmap
 from llmprune.kernels.linear import SparseLinear
@@ -257,7 +257,7 @@ def test_provenance_and_model_card(tiny_llama_dir, tmp_path):
 
 
 def test_alias_base_model_info():
-    from llmprune.modelcard import base_model_info
+    from llmprune.checkpoints.modelcard import base_model_info
 
     pytest.importorskip("gguf")
     info = base_model_info("smollm2-135m")
@@ -351,7 +351,7 @@ def test_gpt2_conv1d_weights_are_stored_transposed(tiny_llama_dir, tmp_path):
 
 
 def test_cli_save_format_flag(tiny_llama_dir, tmp_path, capsys):
-    from llmprune.cli import main
+    from llmprune.cli.oneshot import main
 
     out = tmp_path / "ckpt"
     code = main("magnitude", ["--model", str(tiny_llama_dir), "--pattern", "2:4", "--eval", "none", "--no-dense-eval",

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from llmprune import data
+from llmprune.calibration import data
 from llmprune.errors import UsageError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -316,7 +316,7 @@ def test_treebank_is_the_hub_datasets_source_file(split):
 def test_ptb_offline_fallback(offline, caplog, hub_probes, monkeypatch):
     # Offline mode goes straight to the treebank copy: no Hub probe, no `datasets` load.
     forbid(monkeypatch, "_hub_dataset")
-    with caplog.at_level("WARNING", logger="llmprune.data"):
+    with caplog.at_level("WARNING", logger="llmprune.calibration.data"):
         train = data.load_text("ptb", "train")
         test = data.load_text("ptb", "test")
     assert hub_probes == []
@@ -331,7 +331,7 @@ def test_ptb_offline_fallback(offline, caplog, hub_probes, monkeypatch):
 def test_ptb_unreachable_hub_falls_back_fast(unreachable_hub, caplog, hub_probes, monkeypatch):
     # Fast = one probe request with a timeout, then the treebank copy without asking `datasets`.
     forbid(monkeypatch, "_hub_dataset")
-    with caplog.at_level("WARNING", logger="llmprune.data"):
+    with caplog.at_level("WARNING", logger="llmprune.calibration.data"):
         text = data.load_text("ptb", "test")
     assert len(hub_probes) == 1 and hub_probes[0][0] == "ptb_text_only"
     assert hub_probes[0][1] is not None, "the probe must have a timeout"

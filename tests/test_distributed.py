@@ -1,4 +1,4 @@
-"""Multi-process calibration: ``llmprune.distributed`` under a real ``torchrun`` (2 gloo processes
+"""Multi-process calibration: ``llmprune.runtime.distributed`` under a real ``torchrun`` (2 gloo processes
 on the CPU) against the single-process computation over all samples.
 
 Tolerances. A statistic summed over ranks differs from the single-process one only in float32
@@ -23,8 +23,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from llmprune.distributed import ProcessGroup, destroy, init_process_group
-from llmprune.stats import ColumnNormStat, HessianStat
+from llmprune.runtime.distributed import ProcessGroup, destroy, init_process_group
+from llmprune.calibration.statistics import ColumnNormStat, HessianStat
 
 import distributed_worker as worker  # tests/ is on sys.path (pytest's rootdir-less "prepend" import)
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 import transformers as tf
 
-from llmprune import engine
-from llmprune.arch import check_pattern_fits, find_decoder_layers, prunable_matrices
+from llmprune.oneshot import engine
+from llmprune.models.architecture import check_pattern_fits, find_decoder_layers, prunable_matrices
 from llmprune.errors import UsageError
 from llmprune.solvers import METHODS
-from llmprune.spec import NM, Unstructured
+from llmprune.patterns import NM, Unstructured
 
 SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4)
 

@@ -10,8 +10,8 @@ import logging
 import pytest
 
 import llmprune
-from llmprune import hub
-from llmprune.checkpoint import save_checkpoint
+from llmprune.checkpoints import hub
+from llmprune.checkpoints.save import save_checkpoint
 from llmprune.errors import UsageError
 
 
@@ -168,7 +168,7 @@ def test_the_network_call_is_blocked_offline_and_never_shows_the_token(folder, t
 
 
 def test_push_cli(folder, token, uploads, capsys):
-    from llmprune.push import main
+    from llmprune.cli.push import main
 
     assert main([str(folder), "me/tiny", "--private", "--revision", "v1", "--commit-message", "hello"]) == 0
     assert uploads[0]["private"] is True and uploads[0]["revision"] == "v1" and uploads[0]["commit_message"] == "hello"
@@ -220,7 +220,7 @@ def test_pipeline_without_token_fails_before_work(tiny_llama_dir, tmp_path, no_t
 
 
 def test_cli_has_the_push_flags():
-    from llmprune.cli import build_parser
+    from llmprune.cli.oneshot import build_parser
 
     args = build_parser("magnitude").parse_args(
         ["--model", "m", "--push-to-hub", "me/x", "--private", "--hub-revision", "v1", "--commit-message", "msg",
@@ -233,7 +233,7 @@ def test_cli_has_the_push_flags():
 def test_model_card_names_hub_datasets():
     from huggingface_hub import ModelCard
 
-    from llmprune.modelcard import render_card
+    from llmprune.checkpoints.modelcard import render_card
 
     meta = {
         "format": "llmprune-dense",

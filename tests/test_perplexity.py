@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from llmprune.errors import UsageError
-from llmprune.perplexity import PerplexityResult, perplexity
+from llmprune.evaluation.perplexity import PerplexityResult, perplexity
 
 VOCAB = 61
 BOS = 1

@@ -32,7 +32,7 @@ def expected_calibration_sha256(model_dir: Path, *, source: str, nsamples: int, 
     i = random.Random(seed).randint(0, T - seqlen - 1); the tiny Llama's tokenizer adds no BOS)."""
     from transformers import AutoTokenizer
 
-    from llmprune.data import load_text, needs_bos
+    from llmprune.calibration.data import load_text, needs_bos
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     assert needs_bos(tokenizer) is False

@@ -17,9 +17,9 @@ import torch
 import transformers as tf
 
 import llmprune
-from llmprune import compressed
+from llmprune.checkpoints import format as compressed
 from llmprune.errors import UsageError
-from llmprune.workdir import PROGRESS_FILE
+from llmprune.runtime.workdir import PROGRESS_FILE
 
 from conftest import word_tokenizer
 from test_engine import FAMILIES, build
@@ -134,13 +134,13 @@ def test_offload_disk_checkpoint_formats(method, save_format, tiny_llama_dir, te
 
 def test_dense_shards_split_and_index(tiny_llama_dir, texts, tmp_path, one_thread):
     """--offload disk writes a standard sharded folder when the model exceeds one shard."""
-    from llmprune import checkpoint
+    from llmprune.checkpoints import save as checkpoint
 
     result = llmprune.prune(str(tiny_llama_dir), offload="disk", work_dir=str(tmp_path / "work"),
                             **fast(texts, method="wanda", pattern="2:4"))
     model = result.model
     tensors, tied = compressed.unique_state(model)
-    state = checkpoint.StreamedState(tensors, "model.layers", llmprune.workdir.WorkDir(tmp_path / "work").read_layer)
+    state = checkpoint.StreamedState(tensors, "model.layers", llmprune.runtime.workdir.WorkDir(tmp_path / "work").read_layer)
     out = tmp_path / "sharded"
     out.mkdir()
     declared = checkpoint.pruned_parameters(model, result.to_dict())
@@ -281,7 +281,7 @@ def test_out_of_memory_in_a_layer_names_it_and_the_option(tiny_llama_dir, texts,
 @pytest.mark.parametrize("offload", ["cpu", "disk"])
 def test_half_precision_models_prune_with_fp32_statistics(dtype, offload, tiny_llama_dir, texts, monkeypatch,
                                                            tmp_path, one_thread):
-    from llmprune import stats
+    from llmprune.calibration import statistics as stats
 
     seen = []
     original = stats.HessianStat.value

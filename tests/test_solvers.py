@@ -18,8 +18,8 @@ from llmprune.solvers import (
     sparsegpt_prune,
     wanda_prune,
 )
-from llmprune.spec import NM, Unstructured
-from llmprune.stats import ColumnNormStat, HessianStat
+from llmprune.patterns import NM, Unstructured
+from llmprune.calibration.statistics import ColumnNormStat, HessianStat
 
 # ---------------------------------------------------------------------------------------------
 # helpers

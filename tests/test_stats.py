@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmprune.stats import ColumnNormStat, HessianStat
+from llmprune.calibration.statistics import ColumnNormStat, HessianStat
 
 IN = 6
 
@@ -85,7 +85,7 @@ def test_update_does_not_modify_input(cls):
 
 @pytest.mark.parametrize("cls", [HessianStat, ColumnNormStat])
 def test_sums_of_disjoint_shards_merge_to_the_statistic_over_all(cls):
-    """What ``llmprune.distributed`` does with an all-reduce, done by hand for three "ranks":
+    """What ``llmprune.runtime.distributed`` does with an all-reduce, done by hand for three "ranks":
     the last has no samples and must contribute nothing."""
     batches = _batches()
     shards = [batches[0::2], batches[1::2], []]

@@ -1,7 +1,7 @@
 """Solvers: pure tensor maths, ``(weight [out, in], statistic, pattern) -> SolveResult``.
 
 No modules, hooks, devices or progress bars here; the pipeline owns those. Masks: ``True`` = keep.
-``METHODS`` maps a method name to the statistic it needs (a class from ``llmprune.stats``, or
+``METHODS`` maps a method name to the statistic it needs (a class from ``llmprune.calibration.statistics``, or
 ``None``) and an adapter with the uniform signature ``solve(weight, stat_value, pattern, **options)``.
 """
 
@@ -17,8 +17,8 @@ from llmprune.solvers.magnitude import magnitude_prune
 from llmprune.solvers.masks import SolveResult, keep_mask_nm, keep_mask_unstructured
 from llmprune.solvers.sparsegpt import sparsegpt_prune
 from llmprune.solvers.wanda import wanda_prune
-from llmprune.spec import Pattern
-from llmprune.stats import ColumnNormStat, HessianStat
+from llmprune.patterns import Pattern
+from llmprune.calibration.statistics import ColumnNormStat, HessianStat
 
 __all__ = [
     "METHODS",

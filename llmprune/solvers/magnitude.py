@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from llmprune.solvers.masks import SolveResult, check_weight, is_dense, keep_mask, unchanged
-from llmprune.spec import Pattern
+from llmprune.patterns import Pattern
 
 
 def magnitude_prune(weight: Tensor, pattern: Pattern) -> SolveResult:

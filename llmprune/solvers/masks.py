@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from llmprune.errors import UsageError
-from llmprune.spec import NM, Pattern, Unstructured
+from llmprune.patterns import NM, Pattern, Unstructured
 
 
 @dataclass(frozen=True)

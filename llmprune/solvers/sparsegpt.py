@@ -26,7 +26,7 @@ from llmprune.solvers.masks import (
     keep_mask_unstructured,
     unchanged,
 )
-from llmprune.spec import NM, Pattern
+from llmprune.patterns import NM, Pattern
 
 # Each retry multiplies the dampening by 10, so the last try adds up to 1e4 x percdamp.
 _DAMP_RETRIES = 4

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from llmprune.solvers.masks import SolveResult, check_weight, is_dense, keep_mask, unchanged
-from llmprune.spec import Pattern
+from llmprune.patterns import Pattern
 
 
 def wanda_prune(weight: Tensor, col_norm_sq: Tensor, pattern: Pattern) -> SolveResult:

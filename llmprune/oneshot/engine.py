@@ -5,7 +5,7 @@ Where things happen:
 
 * :func:`capture_layer_calls` - the hidden states entering decoder layer 0 and every
   argument each decoder layer receives, for each calibration sample.
-* :class:`llmprune.collector.StatisticsCollector` - forward hooks that accumulate one statistic per distinct
+* :class:`llmprune.calibration.collector.StatisticsCollector` - forward hooks that accumulate one statistic per distinct
   input tensor (q/k/v share one Hessian, gate/up share one).
 * :func:`prune_layers` - the loop; solvers themselves are pure maths in ``llmprune.solvers``.
 """
@@ -23,11 +23,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import devices
-from .arch import PrunableMatrix, prunable_matrices
-from .collector import StatisticsCollector
-from .solvers import Method
-from .spec import Pattern
+from llmprune.runtime import devices
+from llmprune.models.architecture import PrunableMatrix, prunable_matrices
+from llmprune.calibration.collector import StatisticsCollector
+from llmprune.solvers import Method
+from llmprune.patterns import Pattern
 
 logger = logging.getLogger(__name__)
 
@@ -289,7 +289,7 @@ class Stream:
     """
 
     name: str
-    hidden: object  # llmprune.offload.HiddenStates
+    hidden: object  # llmprune.runtime.offload.HiddenStates
     calls: list[list[LayerCall]]
     dense: bool
 
@@ -349,20 +349,20 @@ def prune_layers(
     ``||Y_pruned - Y_dense|| / ||Y_dense||`` is measured against the dense outputs of the
     first statistics pass. ``captured=None`` (a data-free method): only step (2).
 
-    weights: where layers live between uses (``llmprune.offload.MemoryLayers`` /
+    weights: where layers live between uses (``llmprune.runtime.offload.MemoryLayers`` /
         ``DiskLayers``); default: in memory, moved to ``device`` and back to ``offload_to``.
-    hidden: the calibration hidden states (``llmprune.offload.HiddenStates``); default:
+    hidden: the calibration hidden states (``llmprune.runtime.offload.HiddenStates``); default:
         ``captured.hidden`` kept on the device. Consumed.
     streams: extra hidden states propagated through the dense or pruned layers (:class:`Stream`).
     start: layers before it were pruned by an earlier, interrupted run; they are read back
         pruned from the work folder (``weights.load(..., pruned=True)``) and only propagate,
         or, when nothing runs through them, only restored (``weights.restore``).
     on_layer_done: called with ``(index, report)`` after each newly pruned layer was released.
-    group: a ``llmprune.distributed.ProcessGroup``; with several ranks the statistics are
+    group: a ``llmprune.runtime.distributed.ProcessGroup``; with several ranks the statistics are
         summed over ranks, rank 0 solves and broadcasts the pruned weights.
     Returns the reports of the layers pruned by this call (from ``start`` on).
     """
-    from .offload import HiddenStates, MemoryLayers
+    from llmprune.runtime.offload import HiddenStates, MemoryLayers
 
     options = options or {}
     if weights is None:

@@ -5,7 +5,7 @@ One ``update(x)`` per calibration forward pass. As in the reference code (IST-DA
 the batch dimension: ``x`` of shape [batch, seq, in] adds ``batch`` samples, a 2-D [tokens, in]
 (or 1-D) ``x`` adds one. The running means are kept in the references' form so the values
 match theirs; ``to_sums()`` / ``load_sums()`` convert to and from plain sums, which add across
-processes (``llmprune.distributed`` all-reduces them). ``value()`` returns the live buffer (no
+processes (``llmprune.runtime.distributed`` all-reduces them). ``value()`` returns the live buffer (no
 copy: the Hessian of a 14336-wide MLP is 820 MB); drop the stat object once its layer is
 pruned to free it.
 """

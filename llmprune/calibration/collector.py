@@ -21,7 +21,7 @@ import torch
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-from .arch import PrunableMatrix
+from llmprune.models.architecture import PrunableMatrix
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UsageError
+from llmprune.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class WorkDir:
 
     def read_layer(self, index: int) -> dict[str, torch.Tensor]:
         """The tensors written by :meth:`write_layer` (read into memory, no mapping)."""
-        from . import compressed as fmt
+        from llmprune.checkpoints import format as fmt
 
         header = fmt.read_header(self.layer_path(index))
         return dict(fmt.iter_tensors(header, list(header.tensors), str(header.path)))

@@ -15,7 +15,7 @@ import sys
 import torch
 from torch import nn
 
-from .errors import UsageError
+from llmprune.errors import UsageError
 
 logger = logging.getLogger(__name__)
 

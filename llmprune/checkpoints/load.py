@@ -5,7 +5,7 @@ with dense weights, bitwise equal to what was saved (``-0.0`` comes back as ``+0
 compressed storage), or, with ``kernels=True``, with the pruned ``Linear`` modules replaced
 by ``llmprune.kernels.linear.SparseLinear``.
 
-Checks, each failing with a one-line :class:`llmprune.compressed.CheckpointError` naming
+Checks, each failing with a one-line :class:`llmprune.checkpoints.format.CheckpointError` naming
 the file and the tensor: ``llmprune.json`` present, its format known and its
 ``format_version`` supported; every shard present, its header sound and not truncated;
 every tensor the index lists present and every tensor the model needs found; shapes and
@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import compressed as fmt
-from .checkpoint import METADATA_FILE
-from .compressed import CheckpointError
-from .errors import UsageError
+from llmprune.checkpoints import format as fmt
+from llmprune.checkpoints.save import METADATA_FILE
+from llmprune.checkpoints.format import CheckpointError
+from llmprune.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def load(
     folder = _resolve(path_or_hub_id, revision)
     meta = read_metadata(folder)
     if min_bitmap_sparsity is None:
-        from .kernels.linear import DEFAULT_MIN_BITMAP_SPARSITY
+        from llmprune.kernels.linear import DEFAULT_MIN_BITMAP_SPARSITY
 
         min_bitmap_sparsity = DEFAULT_MIN_BITMAP_SPARSITY
     if not 0.0 <= float(min_bitmap_sparsity) <= 1.0:
@@ -428,7 +428,7 @@ def _load_generation_config(model, folder: Path) -> None:
 
 
 def _kernel_format(matrix: torch.Tensor, min_bitmap_sparsity: float) -> str | None:
-    from .kernels.formats import is_24, sparsity
+    from llmprune.kernels.formats import is_24, sparsity
 
     if matrix.shape[1] % 4 == 0 and is_24(matrix):
         return "2:4"
@@ -437,7 +437,7 @@ def _kernel_format(matrix: torch.Tensor, min_bitmap_sparsity: float) -> str | No
 
 def _use_sparse_linear(model, entries: dict, kept: dict, *, backend: str, min_bitmap_sparsity: float) -> None:
     """Replace pruned modules by ``SparseLinear``: packed ones as loaded, dense ones packed now."""
-    from .kernels.linear import SparseLinear
+    from llmprune.kernels.linear import SparseLinear
 
     converted = 0
     for name, entry in entries.items():

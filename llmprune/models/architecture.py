@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import UsageError
-from .spec import NM, Pattern
+from llmprune.errors import UsageError
+from llmprune.patterns import NM, Pattern
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 ``dense``: a standard Hugging Face folder (safetensors weights with zeros in place, config,
 generation config, tokenizer), loadable by ``AutoModelForCausalLM.from_pretrained`` without
 llmprune. ``compressed``: the same folder, but each pruned matrix is stored in the kernels'
-2:4 or bitmap layout (``llmprune.compressed``; spec in ``docs/checkpoint-format.md``).
+2:4 or bitmap layout (``llmprune.checkpoints.format``; spec in ``docs/checkpoint-format.md``).
 
 Both carry ``llmprune.json`` (format and version, recipe, results, per-layer report, the
 declared pattern and nonzero count of every pruned weight, sizes, library versions) and a
@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import UsageError
+from llmprune.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def library_versions() -> dict[str, str]:
     import torch
     import transformers
 
-    from . import __version__
+    from llmprune import __version__
 
     return {
         "llmprune": __version__,
@@ -121,7 +121,7 @@ def pruned_parameters(model, metadata: dict, pruned: dict[str, dict | None] | No
     routed to it, or it was excluded), it is still dense, so the parameter is declared with
     pattern None: only its nonzero count is checked.
     """
-    from .arch import find_decoder_layers, prunable_matrices
+    from llmprune.models.architecture import find_decoder_layers, prunable_matrices
 
     path, layers = find_decoder_layers(model)
     transposed: dict[str, bool] = {}
@@ -179,8 +179,9 @@ def save_checkpoint(
     ``read_layer(i)`` (``WorkDir.read_layer``), one layer in memory at a time, and the dense
     format is written by :func:`write_dense_shards` instead of ``save_pretrained``.
     """
-    from . import compressed, modelcard
-    from .models import prepare_for_save
+    from llmprune.checkpoints import format as compressed
+    from llmprune.checkpoints import modelcard
+    from llmprune.models.sources import prepare_for_save
 
     check_save_format(save_format)
     prepare_for_save(model)
@@ -282,7 +283,7 @@ def write_dense_shards(state: Mapping, folder: Path, declared: dict, max_shard_b
     ``declared`` pruned weight (``pruned_parameters``), stored densely."""
     from safetensors.torch import save_file
 
-    from . import compressed
+    from llmprune.checkpoints import format as compressed
 
     entries: dict[str, dict] = {}
     shards: list[tuple[str, list[str]]] = []
@@ -330,7 +331,7 @@ def _itemsize(dtype_name: str) -> int:
 
 def _stored_bytes(folder: Path, entries: dict[str, dict]) -> dict[str, int]:
     """Bytes each pruned weight takes in the compressed shards (packed fields, or the dense tensor)."""
-    from . import compressed
+    from llmprune.checkpoints import format as compressed
 
     sizes: dict[str, int] = {}
     for shard in sorted(folder.glob("llmprune-compressed-*.safetensors")):

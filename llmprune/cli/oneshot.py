@@ -13,8 +13,8 @@ import sys
 import types
 import typing
 
-from .config import METHOD_NAMES, PruneConfig
-from .errors import UsageError
+from llmprune.config import METHOD_NAMES, PruneConfig
+from llmprune.errors import UsageError
 
 
 def _flag_type(annotation: str):
@@ -60,7 +60,7 @@ def _format_table(result) -> str:
 
 def main(method: str | None = None, argv: list[str] | None = None) -> int:
     """Parse flags, run :func:`llmprune.prune`, print the final table; return the exit code."""
-    from .pipeline import default_results_path, prune
+    from llmprune.pipeline import default_results_path, prune
 
     args = vars(build_parser(method).parse_args(argv))
     logging.basicConfig(level=args.pop("log_level").upper(), format="%(levelname)s %(name)s: %(message)s")

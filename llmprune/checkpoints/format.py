@@ -42,7 +42,7 @@ from typing import BinaryIO, Iterator
 import torch
 from torch import Tensor
 
-from .errors import UsageError
+from llmprune.errors import UsageError
 
 FORMAT_COMPRESSED = "llmprune-compressed"
 FORMAT_DENSE = "llmprune-dense"
@@ -105,7 +105,7 @@ def pack_weight(matrix: Tensor) -> tuple[str, dict[str, Tensor] | None]:
     else ``("bitmap", tensors)`` if the bitmap is smaller than the dense bytes, else
     ``("dense", None)``. ``tensors`` are the format's ``to_tensors()`` (contiguous, CPU).
     """
-    from .kernels.formats import is_24, pack_24, pack_bitmap
+    from llmprune.kernels.formats import is_24, pack_24, pack_bitmap
 
     if matrix.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return "dense", None
@@ -123,7 +123,7 @@ def pack_weight(matrix: Tensor) -> tuple[str, dict[str, Tensor] | None]:
 
 def unpack_fields(storage: str, tensors: dict[str, Tensor], shape: tuple[int, int], where: str):
     """Rebuild and validate a ``Packed24`` / ``PackedBitmap`` from its tensors (``from_tensors``)."""
-    from .kernels.formats import Packed24, PackedBitmap
+    from llmprune.kernels.formats import Packed24, PackedBitmap
 
     cls = Packed24 if storage == "2:4" else PackedBitmap
     try:
@@ -135,7 +135,7 @@ def unpack_fields(storage: str, tensors: dict[str, Tensor], shape: tuple[int, in
 def packed_from_fields(storage: str, tensors: dict[str, Tensor], shape: tuple[int, int]):
     """A ``Packed24`` / ``PackedBitmap`` over ``tensors`` with only the constructor's shape and
     dtype checks; for tensors that :func:`decode_packed` already validated."""
-    from .kernels.formats import Packed24, PackedBitmap
+    from llmprune.kernels.formats import Packed24, PackedBitmap
 
     cls = Packed24 if storage == "2:4" else PackedBitmap
     return cls(**{field: tensors[field] for field in packed_fields(storage)}, shape=shape)
@@ -143,7 +143,7 @@ def packed_from_fields(storage: str, tensors: dict[str, Tensor], shape: tuple[in
 
 def dense_from_packed(packed) -> Tensor:
     """Dense ``[N, K]`` matrix of a packed weight; kept values bitwise, ``+0.0`` elsewhere."""
-    from .kernels.formats import Packed24, unpack_24, unpack_bitmap
+    from llmprune.kernels.formats import Packed24, unpack_24, unpack_bitmap
 
     return unpack_24(packed) if isinstance(packed, Packed24) else unpack_bitmap(packed)
 
@@ -170,7 +170,7 @@ def decode_packed(storage: str, tensors: dict[str, Tensor], shape: tuple[int, in
     matrix (the weight dtype, ``+0.0`` where nothing is kept), written into ``out`` if given
     (``[N, K]``, the values' dtype).
     """
-    from .kernels.formats import Packed24, PackedBitmap, unpack_24, unpack_bitmap
+    from llmprune.kernels.formats import Packed24, PackedBitmap, unpack_24, unpack_bitmap
 
     n, k = shape
     fields = packed_fields(storage)
@@ -250,7 +250,7 @@ def check_entry(entry: object, where: str) -> dict:
         raise CheckpointError(f"{where}: nnz must be an integer in [0, {math.prod(shape)}], got {entry['nnz']!r}")
     pattern = entry["pattern"]
     if pattern is not None:
-        from .spec import pattern_from_dict
+        from llmprune.patterns import pattern_from_dict
 
         try:
             pattern_from_dict(pattern)

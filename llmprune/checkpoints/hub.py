@@ -18,7 +18,7 @@ import logging
 import os
 from pathlib import Path
 
-from .errors import UsageError
+from llmprune.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +86,8 @@ def upload_plan(folder: str | os.PathLike) -> list[str]:
     files do not all pass the header and truncation checks, one that holds pickle files,
     and leftovers of an interrupted save (``.*.partial-*``). Hidden files are never uploaded.
     """
-    from . import compressed
-    from .loading import read_metadata
+    from llmprune.checkpoints import format as compressed
+    from llmprune.checkpoints.load import read_metadata
 
     root = Path(folder)
     if not root.is_dir():
@@ -131,7 +131,7 @@ def push_to_hub(
     The generated model card (README.md) is first rewritten with ``repo_id`` in its snippets
     (a hand-edited card without llmprune's marker line is left as is).
     """
-    from . import modelcard
+    from llmprune.checkpoints import modelcard
 
     check_repo_id(repo_id)
     upload_plan(folder)  # fail on an incomplete folder before touching the card

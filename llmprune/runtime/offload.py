@@ -12,7 +12,7 @@ Layer weights (``--offload``):
   the meta device. Host memory therefore holds one layer, not the model. Checkpoint keys are
   mapped to the model's names with transformers' conversion rules (:func:`_model_names`).
 
-Both write each pruned layer to the work folder (:mod:`llmprune.workdir`) when there is one,
+Both write each pruned layer to the work folder (:mod:`llmprune.runtime.workdir`) when there is one,
 which is what makes a run resumable; ``DiskLayers`` always has one (it is where the pruned
 weights go, to be assembled into the checkpoint at the end).
 
@@ -21,7 +21,7 @@ tensor per calibration (or evaluation) window on the compute ``device`` (the def
 ``cpu`` memory, or in a ``disk`` file read and written with plain file I/O (not a memory
 map, whose resident pages would count against the process).
 
-Weights are read with ``llmprune.compressed.read_tensor`` (one copy into a fresh tensor, no
+Weights are read with ``llmprune.checkpoints.format.read_tensor`` (one copy into a fresh tensor, no
 memory map) for the same reason.
 """
 
@@ -36,10 +36,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import compressed as fmt
-from . import devices
-from .errors import UsageError
-from .loading import _set_tensor
+from llmprune.checkpoints import format as fmt
+from llmprune.runtime import devices
+from llmprune.errors import UsageError
+from llmprune.checkpoints.load import _set_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def load_offloaded(source: str, *, dtype: str = "auto", trust_remote_code: bool 
     stack's path and where each layer tensor is stored. ``source`` as for ``load_model``."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from . import models
+    from llmprune.models import sources as models
 
     torch_dtype = models._parse_dtype(dtype)
     folder = models.local_folder(source, revision=revision)
@@ -292,7 +292,7 @@ def load_skeleton(folder: Path, name: str, dtype: torch.dtype | str, trust_remot
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .arch import find_decoder_layers
+    from llmprune.models.architecture import find_decoder_layers
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if dtype == "auto":

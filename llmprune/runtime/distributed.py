@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import devices
-from .errors import UsageError
+from llmprune.runtime import devices
+from llmprune.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class ProcessGroup:
         """Sum calibration statistics over all ranks; every rank gets the same result.
 
         ``stats`` maps a key that names the same matrices on every rank (a matrix name, not a
-        call-order index) to a stat of ``llmprune.stats`` (``HessianStat`` / ``ColumnNormStat``)
+        call-order index) to a stat of ``llmprune.calibration.statistics`` (``HessianStat`` / ``ColumnNormStat``)
         accumulated from this rank's samples. Returns a dict, keys sorted, over the union of
         the ranks' keys: a key this rank lacks (an MoE expert routed tokens only on another
         rank) gets ``factory(key)``, an empty stat, which adds nothing. Each returned stat

@@ -1,0 +1,2 @@
+"""Evaluation: perplexity with the SparseGPT/Wanda papers' protocol (``perplexity``).
+"""
