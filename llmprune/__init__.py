@@ -1,8 +1,13 @@
 """llmprune: one-shot pruning of Hugging Face decoder LLMs.
 
-``llmprune.prune(model, method=..., sparsity=..., pattern=...)`` runs the whole pipeline;
-its keywords are the fields of :class:`llmprune.config.PruneConfig` and the CLI flags.
+``llmprune.prune(model, method=..., sparsity=..., pattern=...)`` runs the whole pipeline
+(:func:`llmprune.pipeline.prune`; its keywords are the CLI flags), ``llmprune.load`` reads a
+checkpoint back (:func:`llmprune.checkpoints.load.load`) and ``llmprune.push_to_hub`` uploads
+one (:func:`llmprune.checkpoints.hub.push_to_hub`). The three are the real functions, imported
+on first use so that ``import llmprune`` stays cheap.
 """
+
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
@@ -10,26 +15,25 @@ from llmprune.config import PruneConfig  # noqa: E402
 from llmprune.errors import UsageError  # noqa: E402
 from llmprune.patterns import NM, Unstructured, parse_pattern  # noqa: E402
 
+if TYPE_CHECKING:
+    from llmprune.checkpoints.hub import push_to_hub
+    from llmprune.checkpoints.load import load
+    from llmprune.pipeline import prune
 
-def prune(model=None, **options):
-    """Prune a causal LM in one shot. See :func:`llmprune.pipeline.prune`."""
-    from llmprune.pipeline import prune as _prune
-
-    return _prune(model, **options)
-
-
-def load(path_or_hub_id, **options):
-    """Load an llmprune checkpoint (folder or Hub id). See :func:`llmprune.checkpoints.load.load`."""
-    from llmprune.checkpoints.load import load as _load
-
-    return _load(path_or_hub_id, **options)
+_LAZY = {
+    "prune": ("llmprune.pipeline", "prune"),
+    "load": ("llmprune.checkpoints.load", "load"),
+    "push_to_hub": ("llmprune.checkpoints.hub", "push_to_hub"),
+}
 
 
-def push_to_hub(folder, repo_id, **options):
-    """Upload a saved checkpoint folder to the Hub. See :func:`llmprune.checkpoints.hub.push_to_hub`."""
-    from llmprune.checkpoints.hub import push_to_hub as _push
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
 
-    return _push(folder, repo_id, **options)
+        module, attribute = _LAZY[name]
+        return getattr(importlib.import_module(module), attribute)
+    raise AttributeError(f"module 'llmprune' has no attribute {name!r}")
 
 
 __all__ = ["NM", "PruneConfig", "Unstructured", "UsageError", "load", "parse_pattern", "prune", "push_to_hub"]

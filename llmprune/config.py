@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-METHOD_NAMES = ("sparsegpt", "wanda", "magnitude")
 
 
 def _opt(default, help: str, **extra):
@@ -57,12 +56,17 @@ class PruneConfig:
     resume: bool = _opt(False, "continue the run recorded in --work-dir from its first unfinished layer")
     dtype: str = _opt("auto", "model dtype: auto, float32, float16, bfloat16")
     true_sequential: bool = _opt(False, "prune each input group (attention in, o_proj, MLP in, down) after the previous")
-    percdamp: float = _opt(0.01, "SparseGPT dampening, as a fraction of the mean Hessian diagonal")
-    blocksize: int = _opt(128, "SparseGPT column block size")
     exclude: str = _opt("", "comma-separated patterns of matrix names inside a layer to leave dense, e.g. 'mlp.gate'")
     trust_remote_code: bool = _opt(False, "allow model code from the Hub (off by default)")
     revision: str | None = _opt(None, "Hub revision (branch, tag or commit) of --model")
     progress: bool = _opt(True, "show progress bars")
+    method_config: object = _opt(None, "the method's typed options (SparseGPTConfig, ...); default: its defaults", cli=False)
+
+    def __post_init__(self) -> None:
+        from llmprune.oneshot.methods import METHODS
+
+        if self.method_config is None and self.method in METHODS:  # an unknown method is refused by prune()
+            object.__setattr__(self, "method_config", METHODS[self.method].config())
 
     @property
     def eval_sources(self) -> list[str]:
@@ -78,8 +82,20 @@ class PruneConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> PruneConfig:
+        """Read back :meth:`to_dict`; unknown keys (here or in ``method_config``) raise ValueError."""
+        from llmprune.oneshot.methods import METHODS
+
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown PruneConfig keys {unknown}; known keys: {sorted(known)}")
+        data = dict(data)
+        options = data.get("method_config")
+        if isinstance(options, dict):
+            config_cls = METHODS[data.get("method", "sparsegpt")].config
+            allowed = {f.name for f in dataclasses.fields(config_cls)}
+            if set(options) - allowed:
+                raise ValueError(f"unknown {config_cls.__name__} keys {sorted(set(options) - allowed)}; "
+                                 f"known keys: {sorted(allowed)}")
+            data["method_config"] = config_cls(**options)
         return cls(**data)

@@ -1,7 +1,9 @@
-"""``prune(...)``: the whole run - load, calibrate, prune layer by layer, evaluate, save.
+"""``prune(...)``: the whole run, as named stages - load, calibrate, prune the layers, evaluate, save.
 
-This is the typed function behind ``python -m llmprune.sparsegpt | wanda | magnitude``;
-its keyword arguments are exactly the fields of :class:`llmprune.config.PruneConfig`.
+This is the typed function behind ``python -m llmprune.sparsegpt | wanda | magnitude``; its
+keyword arguments are the fields of :class:`llmprune.config.PruneConfig` plus every method's
+options (``llmprune.oneshot.methods``). Where the model lives is chosen once
+(:class:`InMemory` or :class:`OnDisk`, by ``--offload``); the stages never branch on it.
 """
 
 from __future__ import annotations
@@ -15,18 +17,21 @@ from pathlib import Path
 import torch
 
 from llmprune.calibration import data
-from llmprune.runtime import devices
-from llmprune.runtime import distributed
-from llmprune.oneshot import engine
+from llmprune.calibration.capture import capture_layer_calls, replay_final_states
 from llmprune.checkpoints import hub
-from llmprune.runtime import offload
+from llmprune.checkpoints.files import check_output_dir, write_json_atomic
+from llmprune.checkpoints.save import check_save_format, library_versions, save_checkpoint
+from llmprune.config import PruneConfig
+from llmprune.errors import UsageError, check_positive_int
 from llmprune.evaluation import perplexity
 from llmprune.models.architecture import check_pattern_fits, find_decoder_layers
-from llmprune.checkpoints.save import check_output_dir, check_save_format, library_versions, save_checkpoint, write_json_atomic
-from llmprune.config import METHOD_NAMES, PruneConfig
-from llmprune.errors import UsageError
-from llmprune.solvers import METHODS
+from llmprune.oneshot.loop import LayerLoop, Stream
+from llmprune.oneshot.methods import Method, get_method, option_fields
+from llmprune.oneshot.reports import LayerReport
 from llmprune.patterns import Pattern, parse_pattern, pattern_to_dict
+from llmprune.runtime import devices, distributed
+from llmprune.runtime.activations import OFFLOAD_ACTIVATIONS, HiddenStates
+from llmprune.runtime.layers import OFFLOAD_WEIGHTS, DiskLayers, MemoryLayers
 from llmprune.runtime.workdir import WorkDir, fingerprint
 
 logger = logging.getLogger(__name__)
@@ -40,7 +45,7 @@ class PruneResult:
     pattern: Pattern
     model: object
     tokenizer: object
-    layers: list[engine.LayerReport]
+    layers: list[LayerReport]
     dense_ppl: dict[str, perplexity.PerplexityResult] = field(default_factory=dict)
     pruned_ppl: dict[str, perplexity.PerplexityResult] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -86,34 +91,100 @@ class PruneResult:
         }
 
 
+def prune(
+    model: str | None = None,
+    *,
+    method: str = "sparsegpt",
+    sparsity: float | None = None,
+    pattern: str = "unstructured",
+    dataset: str = "c4",
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    seed: int = 0,
+    eval: str = "wikitext2",
+    eval_seqlen: int | None = None,
+    max_eval_tokens: int | None = None,
+    dense_eval: bool = True,
+    save: str | None = None,
+    overwrite: bool = False,
+    save_format: str = "dense",
+    push_to_hub: str | None = None,
+    private: bool = False,
+    hub_revision: str | None = None,
+    commit_message: str | None = None,
+    results: str | None = None,
+    device: str = "auto",
+    offload: str = "cpu",
+    offload_activations: str = "device",
+    work_dir: str | None = None,
+    resume: bool = False,
+    dtype: str = "auto",
+    true_sequential: bool = False,
+    exclude: str = "",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    progress: bool = True,
+    percdamp: float = 0.01,
+    blocksize: int = 128,
+    tokenizer=None,
+    loaded_model=None,
+) -> PruneResult:
+    """Prune a causal LM in one shot; the keywords are the CLI flags (see the README's table).
+
+    ``model`` is a Hub id, local folder, ``.gguf`` file or alias. To prune a model already
+    in memory pass ``loaded_model=`` and ``tokenizer=`` (``model`` then only names it in the
+    recipe). ``percdamp`` and ``blocksize`` are SparseGPT's options (``SparseGPTConfig``);
+    set for another method they are ignored with a warning. Raises
+    :class:`llmprune.errors.UsageError` for bad input, before any work.
+
+    With ``offload="disk"`` the model is never whole in memory: layers are read from the
+    shards while processed, perplexity is computed from hidden states propagated layer by
+    layer next to the calibration data, and the checkpoint is assembled from the work folder.
+    """
+    options = dict(locals())
+    del options["tokenizer"], options["loaded_model"]
+    method_options = {f.name: options.pop(f.name) for f in option_fields()}
+    chosen = get_method(method)
+    config = PruneConfig(**options, method_config=chosen.make_config(method_options))
+    pattern_value = _validate(config)
+    if loaded_model is not None and config.offload == "disk":
+        raise UsageError("--offload disk reads the model from its files; it cannot prune a model passed as loaded_model=")
+    if loaded_model is not None and tokenizer is None:
+        raise UsageError("prune(loaded_model=...) also needs tokenizer=")
+    group, device_name = distributed.init_process_group(config.device)
+    try:
+        if group.active and config.nsamples < group.world_size:
+            raise UsageError(f"--nsamples {config.nsamples} cannot be shared among {group.world_size} processes: "
+                             f"use --nsamples >= {group.world_size}")
+        placement = OnDisk() if config.offload == "disk" else InMemory(loaded_model, tokenizer)
+        run = _Run(config, pattern_value, chosen, group, devices.resolve_device(device_name), placement)
+        result = run.execute()
+        group.barrier()  # rank 0 has saved before any rank returns
+        return result
+    finally:
+        distributed.destroy()  # no barrier here: a rank that raised would leave the others waiting
+
+
 def _validate(config: PruneConfig) -> Pattern:
     """Cheap checks on every option before anything is loaded; returns the parsed pattern."""
-    if config.method not in METHOD_NAMES:
-        raise UsageError(f"unknown method {config.method!r}: expected one of {', '.join(METHOD_NAMES)}")
     try:
         pattern = parse_pattern(config.pattern, config.sparsity)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    for name in ("nsamples", "seqlen", "blocksize"):
-        value = getattr(config, name)
-        if not isinstance(value, int) or value < 1:
-            raise UsageError(f"--{name} must be a positive integer, got {value!r}")
+    for name in ("nsamples", "seqlen"):
+        check_positive_int(name, getattr(config, name))
     for name in ("eval_seqlen", "max_eval_tokens"):
-        value = getattr(config, name)
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-    if not 0 <= config.percdamp < 1e3:
-        raise UsageError(f"--percdamp must be a non-negative number, got {config.percdamp!r}")
+        check_positive_int(name.replace("_", "-"), getattr(config, name), optional=True)
     if config.save is not None:
         check_output_dir(config.save, config.overwrite)
     check_save_format(config.save_format, config.save)
     hub.check_push_options(config.push_to_hub, private=config.private, revision=config.hub_revision,
                            commit_message=config.commit_message, save=config.save)
     devices.resolve_device(config.device)
-    if config.offload not in offload.OFFLOAD_WEIGHTS:
-        raise UsageError(f"--offload must be one of {', '.join(offload.OFFLOAD_WEIGHTS)}, got {config.offload!r}")
-    if config.offload_activations not in offload.OFFLOAD_ACTIVATIONS:
-        raise UsageError(f"--offload-activations must be one of {', '.join(offload.OFFLOAD_ACTIVATIONS)}, "
+    if config.offload not in OFFLOAD_WEIGHTS:
+        raise UsageError(f"--offload must be one of {', '.join(OFFLOAD_WEIGHTS)}, got {config.offload!r}")
+    if config.offload_activations not in OFFLOAD_ACTIVATIONS:
+        raise UsageError(f"--offload-activations must be one of {', '.join(OFFLOAD_ACTIVATIONS)}, "
                          f"got {config.offload_activations!r}")
     if config.resume and config.work_dir is None:
         raise UsageError("--resume needs --work-dir: the folder of the run to continue")
@@ -121,236 +192,293 @@ def _validate(config: PruneConfig) -> Pattern:
     return pattern
 
 
-def _evaluate(model, tokenizer, sources, eval_tokens, seqlen, config, device, add_bos) -> dict:
-    results = {}
-    for source in sources:
-        results[source] = perplexity.perplexity(
-            model,
-            eval_tokens[source],
-            seqlen=seqlen,
-            source=source,
-            max_tokens=config.max_eval_tokens,
-            add_bos=add_bos,
-            device=device,
-            show_progress=config.progress,
-        )
-        logger.info("%s perplexity %.3f on %d tokens", source, results[source].ppl, results[source].n_tokens)
-    return results
+# ------------------------------------------------------------------------------ placement
 
 
-def prune(model: str | None = None, *, tokenizer=None, loaded_model=None, **options) -> PruneResult:
-    """Prune a causal LM in one shot; keyword arguments are the fields of ``PruneConfig``.
+class InMemory:
+    """``--offload cpu``: the whole model in host memory; each layer visits the compute device,
+    and the whole model moves there for each perplexity."""
 
-    ``model`` is a Hub id, local folder, ``.gguf`` file or alias. To prune a model already
-    in memory pass ``loaded_model=`` and ``tokenizer=`` (``model`` then only names it in the
-    recipe). Raises :class:`llmprune.errors.UsageError` for bad input, before any work.
+    needs_work_dir = False
 
-    With ``offload="disk"`` the model is never whole in memory: layers are read from the
-    shards while processed, perplexity is computed from hidden states propagated layer by
-    layer next to the calibration data, and the checkpoint is assembled from the work folder.
-    """
-    config = PruneConfig(model=model, **options)
-    pattern = _validate(config)
-    if loaded_model is not None and config.offload == "disk":
-        raise UsageError("--offload disk reads the model from its files; it cannot prune a model passed as loaded_model=")
-    group, device_name = distributed.init_process_group(config.device)
-    try:
-        if group.active and config.nsamples < group.world_size:
-            raise UsageError(f"--nsamples {config.nsamples} cannot be shared among {group.world_size} processes: "
-                             f"use --nsamples >= {group.world_size}")
-        result = _prune(config, pattern, group, devices.resolve_device(device_name), tokenizer, loaded_model)
-        group.barrier()  # rank 0 has saved before any rank returns
-        return result
-    finally:
-        distributed.destroy()  # no barrier here: a rank that raised would leave the others waiting
+    def __init__(self, loaded_model=None, tokenizer=None):
+        self.model, self.tokenizer = loaded_model, tokenizer
+
+    def load(self, config: PruneConfig):
+        if self.model is None:
+            from llmprune.models.loader import load_model
+
+            self.model, self.tokenizer = load_model(config.model, dtype=config.dtype,
+                                                    trust_remote_code=config.trust_remote_code, revision=config.revision)
+        return self.model, self.tokenizer
+
+    def layer_store(self, run: _Run):
+        return MemoryLayers(run.layers, run.prefix, run.work)
+
+    def evaluate_dense(self, run: _Run) -> None:
+        if run.config.dense_eval and run.eval_tokens:
+            run.result.dense_ppl = run.evaluate_whole("dense")
+
+    def eval_streams(self, run: _Run) -> list[Stream]:
+        return []
+
+    def before_layers(self, run: _Run) -> None:
+        """Nothing to drop: the whole model is in memory anyway."""
+
+    def after_layers(self, run: _Run) -> None:
+        """Nothing to read back."""
+
+    def evaluate_pruned(self, run: _Run, streams: list[Stream]) -> None:
+        if run.eval_tokens:
+            run.result.pruned_ppl = run.evaluate_whole("pruned")
+
+    def layer_files(self, run: _Run):
+        return None
 
 
-def _prune(config: PruneConfig, pattern: Pattern, group, device: torch.device, tokenizer, loaded_model) -> PruneResult:
-    """The body of :func:`prune` for one process (rank ``group.rank`` of a torchrun job)."""
-    from llmprune.models.sources import load_model, model_max_length
+class OnDisk:
+    """``--offload disk``: a meta-device skeleton; layers are read from the shards while
+    processed; perplexity is streamed through the layers next to the calibration data."""
 
-    offload_disk = config.offload == "disk"
-    seconds: dict[str, float] = {}
+    needs_work_dir = True
 
-    start = time.perf_counter()
-    where = None
-    if offload_disk:
-        loaded_model, tokenizer, _, where = offload.load_offloaded(
+    def __init__(self):
+        self.where: dict = {}
+
+    def load(self, config: PruneConfig):
+        from llmprune.models.loader import load_skeleton_model
+
+        model, tokenizer, _, self.where = load_skeleton_model(
             config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code, revision=config.revision
         )
-    elif loaded_model is None:
-        loaded_model, tokenizer = load_model(
-            config.model,
-            dtype=config.dtype,
-            trust_remote_code=config.trust_remote_code,
-            revision=config.revision,
+        return model, tokenizer
+
+    def layer_store(self, run: _Run):
+        return DiskLayers(run.model, run.layers, run.prefix, self.where, None, run.work)
+
+    def evaluate_dense(self, run: _Run) -> None:
+        """Measured from a dense stream instead (:meth:`eval_streams`)."""
+
+    def eval_streams(self, run: _Run) -> list[Stream]:
+        """The evaluation windows' hidden states, captured once, to run through the layers."""
+        if not run.eval_tokens:
+            return []
+        config, streams = run.config, []
+        start = time.perf_counter()
+        for source in config.eval_sources:
+            windows = perplexity.eval_windows(run.model, run.eval_tokens[source], seqlen=run.eval_seqlen, source=source,
+                                              max_tokens=config.max_eval_tokens, add_bos=run.add_bos)
+            with devices.explain_out_of_memory(f"capturing the {source} evaluation windows"):
+                captured = capture_layer_calls(run.model, run.layers, windows, run.device, show_progress=False)
+            if config.dense_eval:
+                copies = [h.clone() for h in captured.hidden]
+                streams.append(Stream(source, run.store(copies), captured.calls, dense=True))
+            streams.append(Stream(source, run.store(captured.hidden), captured.calls, dense=False))
+        run.seconds["capture_eval"] = time.perf_counter() - start
+        return streams
+
+    def before_layers(self, run: _Run) -> None:
+        from llmprune.models.skeleton import release_outside_layers
+
+        release_outside_layers(run.model, run.layers, self.where)  # idle until the evaluation: not held meanwhile
+
+    def after_layers(self, run: _Run) -> None:
+        from llmprune.models.skeleton import load_outside_layers
+
+        load_outside_layers(run.model, run.layers, self.where)
+        devices.move_all_but_layers(run.model, run.layers, run.device)
+
+    def evaluate_pruned(self, run: _Run, streams: list[Stream]) -> None:
+        if not streams:
+            return
+        start = time.perf_counter()
+        for stream in streams:
+            with replay_final_states(run.layers, stream.hidden):
+                measured = run.perplexity(stream.name, show_progress=False)
+            (run.result.dense_ppl if stream.dense else run.result.pruned_ppl)[stream.name] = measured
+        run.seconds["eval_streamed"] = time.perf_counter() - start
+
+    def layer_files(self, run: _Run):
+        return run.prefix, run.work.read_layer
+
+
+# ------------------------------------------------------------------------------ the run
+
+
+class _Run:
+    """One process's run (rank ``group.rank`` of a torchrun job): the stages of :func:`prune`."""
+
+    def __init__(self, config: PruneConfig, pattern: Pattern, method: Method, group, device: torch.device, placement):
+        self.config, self.pattern, self.method, self.group, self.device = config, pattern, method, group, device
+        self.placement = placement
+        self.seconds: dict[str, float] = {}
+        self.stores: list[HiddenStates] = []
+        self.work: WorkDir | None = None
+
+    def execute(self) -> PruneResult:
+        self.load()
+        calibration = self.read_data()
+        # Rank 0 owns the work folder; the other ranks only read pruned layers back from it.
+        if self.config.work_dir is not None:
+            self.work = WorkDir(self.config.work_dir)
+        elif self.placement.needs_work_dir and self.group.is_main:
+            self.work = WorkDir.temporary_beside(self.config.save)
+        try:
+            self.prune_layers(calibration)
+            self.evaluate()
+            self.result.seconds = self.seconds
+            self.result.peak_memory = devices.peak_memory_bytes(self.device)
+            if not self.group.is_main:
+                return self.result  # rank 0 saves, writes the results and pushes
+            self.save()
+        finally:
+            self.close_stores()
+            if self.work is not None and self.group.is_main:
+                self.work.cleanup()
+        self.publish()
+        return self.result
+
+    # -- stages
+    def load(self) -> None:
+        """The model, its decoder layers, and the window lengths it allows."""
+        from llmprune.models.sources import model_max_length
+
+        start = time.perf_counter()
+        self.model, self.tokenizer = self.placement.load(self.config)
+        self.model.eval()
+        self.seconds["load"] = time.perf_counter() - start
+        self.prefix, self.layers = find_decoder_layers(self.model)
+        check_pattern_fits(self.layers, self.pattern, self.config.exclude_patterns)
+        self.seqlen = self.config.seqlen
+        limit = model_max_length(self.model)
+        if limit is not None and self.seqlen > limit:
+            logger.warning("--seqlen %d exceeds the model's limit of %d positions; using %d", self.seqlen, limit, limit)
+            self.seqlen = limit
+        self.eval_seqlen = min(self.config.eval_seqlen or self.seqlen, limit or 1 << 62)
+        self.add_bos = data.needs_bos(self.tokenizer)
+
+    def read_data(self) -> torch.Tensor | None:
+        """Calibration windows (this rank's share) and evaluation token streams (rank 0)."""
+        config = self.config
+        start = time.perf_counter()
+        calibration = None
+        if self.method.needs_data:
+            calibration = data.get_calibration(config.dataset, self.tokenizer, nsamples=config.nsamples,
+                                               seqlen=self.seqlen, seed=config.seed, add_bos=self.add_bos)
+        self.eval_tokens = {s: data.get_eval_tokens(s, self.tokenizer, seqlen=self.eval_seqlen)
+                            for s in config.eval_sources}
+        self.seconds["data"] = time.perf_counter() - start
+        self.result = PruneResult(config, self.pattern, self.model, self.tokenizer, [], seqlen=self.seqlen,
+                                  is_main=self.group.is_main)
+        if calibration is not None:
+            self.result.calibration_sha256 = hashlib.sha256(calibration.numpy().tobytes()).hexdigest()
+            calibration = calibration[self.group.shard(len(calibration))]  # this rank's samples (all of them alone)
+        if not self.group.is_main:
+            self.eval_tokens = {}  # rank 0 evaluates, saves and reports
+        return calibration
+
+    def prune_layers(self, calibration: torch.Tensor | None) -> None:
+        """Dense evaluation, then every decoder layer pruned (resuming where a run stopped)."""
+        first_layer = self.first_layer()
+        self.placement.evaluate_dense(self)
+        devices.move_all_but_layers(self.model, self.layers, self.device)
+        self.streams = self.placement.eval_streams(self)
+        loop = LayerLoop(
+            self.layers, self.method, self.pattern, self.device, config=self.config.method_config,
+            weights=self.placement.layer_store(self), exclude=self.config.exclude_patterns,
+            true_sequential=self.config.true_sequential, streams=self.streams, start=first_layer,
+            on_layer_done=self.layer_done, show_progress=self.config.progress and self.group.is_main, group=self.group,
         )
-    elif tokenizer is None:
-        raise UsageError("prune(loaded_model=...) also needs tokenizer=")
-    model_obj = loaded_model
-    model_obj.eval()
-    seconds["load"] = time.perf_counter() - start
-
-    prefix, layers = find_decoder_layers(model_obj)
-    check_pattern_fits(layers, pattern, config.exclude_patterns)
-    seqlen = config.seqlen
-    limit = model_max_length(model_obj)
-    if limit is not None and seqlen > limit:
-        logger.warning("--seqlen %d exceeds the model's limit of %d positions; using %d", seqlen, limit, limit)
-        seqlen = limit
-    eval_seqlen = min(config.eval_seqlen or seqlen, limit or 1 << 62)
-    add_bos = data.needs_bos(tokenizer)
-    method = METHODS[config.method]
-    needs_data = method.stat_cls is not None
-
-    start = time.perf_counter()
-    calibration = None
-    if needs_data:
-        calibration = data.get_calibration(
-            config.dataset, tokenizer, nsamples=config.nsamples, seqlen=seqlen, seed=config.seed, add_bos=add_bos
-        )
-    eval_tokens = {s: data.get_eval_tokens(s, tokenizer, seqlen=eval_seqlen) for s in config.eval_sources}
-    seconds["data"] = time.perf_counter() - start
-
-    result = PruneResult(config, pattern, model_obj, tokenizer, [], seqlen=seqlen, is_main=group.is_main)
-    if calibration is not None:
-        result.calibration_sha256 = hashlib.sha256(calibration.numpy().tobytes()).hexdigest()
-        calibration = calibration[group.shard(len(calibration))]  # this rank's samples (all of them alone)
-    if not group.is_main:
-        eval_tokens = {}  # rank 0 evaluates, saves and reports
-
-    # Rank 0 owns the work folder; the other ranks only read pruned layers back from it.
-    if config.work_dir is not None:
-        work = WorkDir(config.work_dir)
-    elif offload_disk and group.is_main:
-        work = WorkDir.temporary_beside(config.save)
-    else:
-        work = None
-    stores: list[offload.HiddenStates] = []
-    try:
-        first_layer = torch.zeros(1, dtype=torch.int64)
-        if work is not None and group.is_main:
-            first_layer[0] = work.start(fingerprint(config, result.calibration_sha256, len(layers)), resume=config.resume)
-        group.broadcast_(first_layer, src=0)
-        first_layer = int(first_layer.item())
-        if offload_disk:
-            weights = offload.DiskLayers(model_obj, layers, prefix, where, None, work)
-        else:
-            weights = offload.MemoryLayers(layers, prefix, work)
-
-        def store(tensors: list[torch.Tensor]) -> offload.HiddenStates:
-            folder = work.path if work is not None else None
-            stores.append(offload.HiddenStates.from_tensors(config.offload_activations, tensors, device, folder))
-            return stores[-1]
-
-        def evaluate(label: str) -> dict[str, perplexity.PerplexityResult]:
-            # The whole model moves to the compute device for evaluation and back afterwards.
-            start = time.perf_counter()
-            with devices.explain_out_of_memory(f"evaluating the {label} model"):
-                model_obj.to(device)
-                results = _evaluate(model_obj, tokenizer, config.eval_sources, eval_tokens, eval_seqlen, config, device, add_bos)
-                model_obj.to("cpu")
-            seconds[f"eval_{label}"] = time.perf_counter() - start
-            return results
-
-        if config.dense_eval and eval_tokens and not offload_disk:
-            result.dense_ppl = evaluate("dense")
-
-        devices.move_all_but_layers(model_obj, layers, device)
-        streams: list[engine.Stream] = []
-        if offload_disk and eval_tokens:
-            start = time.perf_counter()
-            for source in config.eval_sources:
-                windows = perplexity.eval_windows(model_obj, eval_tokens[source], seqlen=eval_seqlen, source=source,
-                                                  max_tokens=config.max_eval_tokens, add_bos=add_bos)
-                with devices.explain_out_of_memory(f"capturing the {source} evaluation windows"):
-                    captured = engine.capture_layer_calls(model_obj, layers, windows, device, show_progress=False)
-                if config.dense_eval:
-                    copies = [h.clone() for h in captured.hidden]
-                    streams.append(engine.Stream(source, store(copies), captured.calls, dense=True))
-                streams.append(engine.Stream(source, store(captured.hidden), captured.calls, dense=False))
-            seconds["capture_eval"] = time.perf_counter() - start
-
-        def layer_done(index: int, report: engine.LayerReport) -> None:
-            if work is not None and group.is_main:
-                work.layer_done(index, report.to_dict())
-
-        loop = dict(weights=weights, streams=streams, start=first_layer, on_layer_done=layer_done,
-                    exclude=config.exclude_patterns, show_progress=config.progress and group.is_main, group=group)
-        options_for_solver = {"percdamp": config.percdamp, "blocksize": config.blocksize} if config.method == "sparsegpt" else {}
         captured = hidden = None
-        # A resumed run whose layers are all done only reads them back: no calibration pass.
-        calibrate = needs_data and first_layer < len(layers)
-        if calibrate:
+        if calibration is not None and first_layer < len(self.layers):  # all done already: no calibration pass
             start = time.perf_counter()
             with devices.explain_out_of_memory("capturing the inputs of the decoder layers"):
-                captured = engine.capture_layer_calls(model_obj, layers, calibration, device, show_progress=config.progress)
-            seconds["capture"] = time.perf_counter() - start
-            hidden = store(captured.hidden)
-        if offload_disk:  # embeddings and lm_head are idle until the evaluation: not held meanwhile
-            offload.release_outside_layers(model_obj, layers, where)
-        if calibrate:
-            new_reports = engine.prune_layers(
-                layers, captured, method, pattern, device, hidden=hidden,
-                true_sequential=config.true_sequential, options=options_for_solver, **loop,
-            )
-        else:
-            new_reports = engine.prune_without_data(layers, method, pattern, device, **loop)
+                captured = capture_layer_calls(self.model, self.layers, calibration, self.device,
+                                               show_progress=self.config.progress)
+            self.seconds["capture"] = time.perf_counter() - start
+            hidden = self.store(captured.hidden)
+        self.placement.before_layers(self)
+        new_reports = loop.run(captured, hidden)
         if hidden is not None:
             hidden.close()  # the last layer's outputs: not needed
         del captured, hidden
-        if offload_disk:
-            offload.load_outside_layers(model_obj, layers, where)
-            devices.move_all_but_layers(model_obj, layers, device)
-        earlier = [engine.LayerReport.from_dict(r) for r in work.reports[:first_layer]] if work and group.is_main else []
-        result.layers = earlier + new_reports
+        self.placement.after_layers(self)
+        earlier = self.work.reports[:first_layer] if self.work is not None and self.group.is_main else []
+        self.result.layers = [LayerReport.from_dict(r) for r in earlier] + new_reports
         for phase in ("statistics", "solve", "propagate"):
-            seconds[phase] = sum(layer.seconds.get(phase, 0.0) for layer in new_reports)
+            self.seconds[phase] = sum(layer.seconds.get(phase, 0.0) for layer in new_reports)
         for phase in ("load", "write"):  # moving or reading layers in, writing them out
-            seconds[f"layers_{phase}"] = sum(layer.seconds.get(phase, 0.0) for layer in new_reports)
+            self.seconds[f"layers_{phase}"] = sum(layer.seconds.get(phase, 0.0) for layer in new_reports)
 
-        if offload_disk and streams:
-            start = time.perf_counter()
-            for stream in streams:
-                with engine.replay_final_states(layers, stream.hidden):
-                    measured = perplexity.perplexity(
-                        model_obj, eval_tokens[stream.name], seqlen=eval_seqlen, source=stream.name,
-                        max_tokens=config.max_eval_tokens, add_bos=add_bos, device=device, show_progress=False,
-                    )
-                (result.dense_ppl if stream.dense else result.pruned_ppl)[stream.name] = measured
-            seconds["eval_streamed"] = time.perf_counter() - start
-        devices.move_all_but_layers(model_obj, layers, torch.device("cpu"))
-        for hidden_states in stores:
-            hidden_states.close()
-        if eval_tokens and not offload_disk:
-            result.pruned_ppl = evaluate("pruned")
-        result.seconds = seconds
-        result.peak_memory = devices.peak_memory_bytes(device)
+    def evaluate(self) -> None:
+        """Perplexity of the pruned model (and the dense one, where it was streamed)."""
+        self.placement.evaluate_pruned(self, self.streams)
+        devices.move_all_but_layers(self.model, self.layers, torch.device("cpu"))
+        self.close_stores()
 
-        if not group.is_main:
-            return result  # rank 0 saves, writes the results and pushes
+    def save(self) -> None:
+        config = self.config
         if config.save is not None:
-            start = time.perf_counter()
             from llmprune.checkpoints.modelcard import base_model_info
 
-            save_checkpoint(model_obj, tokenizer, config.save, result.to_dict(), save_format=config.save_format,
-                            base_model=base_model_info(config.model, config.revision), repo_id=config.push_to_hub,
-                            overwrite=config.overwrite,
-                            layer_files=(prefix, work.read_layer) if offload_disk else None)
-            seconds["save"] = time.perf_counter() - start
-        if work is not None:
-            work.finish()
-    finally:
-        for hidden_states in stores:
+            start = time.perf_counter()
+            save_checkpoint(self.model, self.tokenizer, config.save, self.result.to_dict(),
+                            save_format=config.save_format, base_model=base_model_info(config.model, config.revision),
+                            repo_id=config.push_to_hub, overwrite=config.overwrite,
+                            layer_files=self.placement.layer_files(self))
+            self.seconds["save"] = time.perf_counter() - start
+        if self.work is not None:
+            self.work.finish()
+
+    def publish(self) -> None:
+        config = self.config
+        if config.results is not None:
+            self.result.results_path = write_json_atomic(config.results, self.result.to_dict())
+        if config.push_to_hub is not None:
+            hub.push_to_hub(config.save, config.push_to_hub, private=config.private, revision=config.hub_revision,
+                            commit_message=config.commit_message)
+
+    # -- helpers the placements use
+    def first_layer(self) -> int:
+        """The first layer to prune: 0, or after the layers a resumed run's work folder holds."""
+        first = torch.zeros(1, dtype=torch.int64)
+        if self.work is not None and self.group.is_main:
+            expected = fingerprint(self.config, self.result.calibration_sha256, len(self.layers))
+            first[0] = self.work.start(expected, resume=self.config.resume)
+        self.group.broadcast_(first, src=0)
+        return int(first.item())
+
+    def layer_done(self, index: int, report: LayerReport) -> None:
+        if self.work is not None and self.group.is_main:
+            self.work.layer_done(index, report.to_dict())
+
+    def store(self, tensors: list[torch.Tensor]) -> HiddenStates:
+        folder = self.work.path if self.work is not None else None
+        self.stores.append(HiddenStates.from_tensors(self.config.offload_activations, tensors, self.device, folder))
+        return self.stores[-1]
+
+    def close_stores(self) -> None:
+        for hidden_states in self.stores:
             hidden_states.close()
-        if work is not None and group.is_main:
-            work.cleanup()
-    if config.results is not None:
-        result.results_path = write_json_atomic(config.results, result.to_dict())
-    if config.push_to_hub is not None:
-        hub.push_to_hub(config.save, config.push_to_hub, private=config.private, revision=config.hub_revision,
-                        commit_message=config.commit_message)
-    return result
+
+    def perplexity(self, source: str, *, show_progress: bool) -> perplexity.PerplexityResult:
+        result = perplexity.perplexity(
+            self.model, self.eval_tokens[source], seqlen=self.eval_seqlen, source=source,
+            max_tokens=self.config.max_eval_tokens, add_bos=self.add_bos, device=self.device,
+            show_progress=show_progress,
+        )
+        logger.info("%s perplexity %.3f on %d tokens", source, result.ppl, result.n_tokens)
+        return result
+
+    def evaluate_whole(self, label: str) -> dict[str, perplexity.PerplexityResult]:
+        """Every evaluation source on the whole model, moved to the compute device and back."""
+        start = time.perf_counter()
+        with devices.explain_out_of_memory(f"evaluating the {label} model"):
+            self.model.to(self.device)
+            results = {s: self.perplexity(s, show_progress=self.config.progress) for s in self.config.eval_sources}
+            self.model.to("cpu")
+        self.seconds[f"eval_{label}"] = time.perf_counter() - start
+        return results
 
 
 def default_results_path(model: str, method: str, pattern: str, sparsity: float | None) -> str:

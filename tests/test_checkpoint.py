@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM
 
 import llmprune
 from llmprune.checkpoints import format as fmt
+from llmprune.checkpoints import safetensors_io
 from llmprune.checkpoints.save import save_checkpoint
 from llmprune.checkpoints.format import CheckpointError
 from llmprune.errors import UsageError
@@ -287,16 +288,16 @@ def test_reader_reads_one_tensor_at_a_time(tiny_runs, monkeypatch):
     """Streaming: the loader never holds a whole shard; each read is one tensor's bytes."""
     _, folder = tiny_runs["2of4", "compressed"]
     sizes = []
-    real = fmt.read_tensor
+    real = safetensors_io.read_tensor
 
     def spy(f, info, where):
         sizes.append(info.end - info.begin)
         return real(f, info, where)
 
-    monkeypatch.setattr(fmt, "read_tensor", spy)
+    monkeypatch.setattr(safetensors_io, "read_tensor", spy)
     llmprune.load(folder)
     shard = next(folder.glob("llmprune-compressed-*.safetensors"))
-    header = fmt.read_header(shard)
+    header = safetensors_io.read_header(shard)
     assert sorted(sizes) == sorted(info.end - info.begin for info in header.tensors.values())
 
 

@@ -8,14 +8,18 @@ match them.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import transformers as tf
 
-from llmprune.oneshot import engine
+from llmprune.calibration.capture import capture_layer_calls
+from llmprune.oneshot.loop import LayerLoop
+from llmprune.solvers import SparseGPTConfig
 from llmprune.models.architecture import check_pattern_fits, find_decoder_layers, prunable_matrices
 from llmprune.errors import UsageError
-from llmprune.solvers import METHODS
+from llmprune.oneshot.methods import METHODS
 from llmprune.patterns import NM, Unstructured
 
 SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4)
@@ -107,7 +111,7 @@ def test_capture_records_what_each_layer_receives(family):
     model = build(family)
     _, layers = find_decoder_layers(model)
     ids = tokens()
-    captured = engine.capture_layer_calls(model, layers, ids, torch.device("cpu"), show_progress=False)
+    captured = capture_layer_calls(model, layers, ids, torch.device("cpu"), show_progress=False)
     real, _ = record_real_calls(model, layers, ids)
     for index in range(len(layers)):
         for sample in range(len(ids)):
@@ -125,7 +129,7 @@ def test_capture_records_what_each_layer_receives(family):
 def test_gemma3_local_and_global_layers_get_different_arguments():
     model = build("gemma3")
     _, layers = find_decoder_layers(model)
-    captured = engine.capture_layer_calls(model, layers, tokens(2, 16), torch.device("cpu"), show_progress=False)
+    captured = capture_layer_calls(model, layers, tokens(2, 16), torch.device("cpu"), show_progress=False)
     local, global_ = captured.calls[0][0], captured.calls[1][0]
     cos_local, cos_global = local.kwargs["position_embeddings"][0], global_.kwargs["position_embeddings"][0]
     assert not torch.allclose(cos_local, cos_global), "rotary tables of sliding and full layers must differ"
@@ -139,11 +143,10 @@ def test_pruned_model_matches_propagated_hidden_states(family, method):
     model = build(family)
     _, layers = find_decoder_layers(model)
     ids = tokens()
-    captured = engine.capture_layer_calls(model, layers, ids, torch.device("cpu"), show_progress=False)
-    reports = engine.prune_layers(
-        layers, captured, METHODS[method], NM(2, 4), torch.device("cpu"),
-        options={"blocksize": 32} if method == "sparsegpt" else {}, show_progress=False,
-    )
+    captured = capture_layer_calls(model, layers, ids, torch.device("cpu"), show_progress=False)
+    config = SparseGPTConfig(blocksize=32) if method == "sparsegpt" else None
+    reports = LayerLoop(layers, METHODS[method], NM(2, 4), torch.device("cpu"), config=config,
+                        show_progress=False).run(captured)
     # Pattern: every prunable matrix has at most 2 nonzeros in every 4 inputs.
     for layer in layers:
         for matrix in prunable_matrices(layer):
@@ -162,17 +165,17 @@ def test_pruned_model_matches_propagated_hidden_states(family, method):
 def test_shared_inputs_share_one_statistic_and_groups_follow_call_order():
     model = build("llama")
     _, layers = find_decoder_layers(model)
-    captured = engine.capture_layer_calls(model, layers, tokens(3), torch.device("cpu"), show_progress=False)
+    captured = capture_layer_calls(model, layers, tokens(3), torch.device("cpu"), show_progress=False)
     created = []
 
-    class CountingHessian(METHODS["sparsegpt"].stat_cls):
+    class CountingHessian(METHODS["sparsegpt"].statistic):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             created.append(self)
 
     method = METHODS["sparsegpt"]
-    counting = type(method)(name=method.name, stat_cls=CountingHessian, solve=method.solve)
-    reports = engine.prune_layers(layers, captured, counting, Unstructured(0.5), torch.device("cpu"), show_progress=False)
+    counting = dataclasses.replace(method, statistic=CountingHessian)
+    reports = LayerLoop(layers, counting, Unstructured(0.5), torch.device("cpu"), show_progress=False).run(captured)
     assert reports[0].groups == [
         ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
         ["self_attn.o_proj"],
@@ -189,11 +192,9 @@ def test_true_sequential_adds_one_forward_per_group_and_differs():
     for sequential in (False, True):
         model = build("llama")
         _, layers = find_decoder_layers(model)
-        captured = engine.capture_layer_calls(model, layers, ids, torch.device("cpu"), show_progress=False)
-        reports = engine.prune_layers(
-            layers, captured, METHODS["sparsegpt"], Unstructured(0.5), torch.device("cpu"),
-            true_sequential=sequential, show_progress=False,
-        )
+        captured = capture_layer_calls(model, layers, ids, torch.device("cpu"), show_progress=False)
+        reports = LayerLoop(layers, METHODS["sparsegpt"], Unstructured(0.5), torch.device("cpu"),
+                            true_sequential=sequential, show_progress=False).run(captured)
         results[sequential] = (reports, layers[1].mlp.down_proj.weight.clone())
     assert [r.forward_passes for r in results[True][0]] == [5] * 3
     assert not torch.equal(results[False][1], results[True][1])
@@ -202,8 +203,8 @@ def test_true_sequential_adds_one_forward_per_group_and_differs():
 def test_unstructured_sparsity_is_exact_per_matrix():
     model = build("qwen2")
     _, layers = find_decoder_layers(model)
-    captured = engine.capture_layer_calls(model, layers, tokens(), torch.device("cpu"), show_progress=False)
-    reports = engine.prune_layers(layers, captured, METHODS["wanda"], Unstructured(0.7), torch.device("cpu"), show_progress=False)
+    captured = capture_layer_calls(model, layers, tokens(), torch.device("cpu"), show_progress=False)
+    reports = LayerLoop(layers, METHODS["wanda"], Unstructured(0.7), torch.device("cpu"), show_progress=False).run(captured)
     for report in reports:
         for m in report.matrices:
             out, inp = m.shape
@@ -215,9 +216,9 @@ def test_excluded_matrices_stay_dense():
     model = build("llama")
     _, layers = find_decoder_layers(model)
     before = layers[0].mlp.down_proj.weight.clone()
-    captured = engine.capture_layer_calls(model, layers, tokens(2), torch.device("cpu"), show_progress=False)
-    engine.prune_layers(layers, captured, METHODS["wanda"], NM(2, 4), torch.device("cpu"),
-                        exclude=("mlp.down_proj",), show_progress=False)
+    captured = capture_layer_calls(model, layers, tokens(2), torch.device("cpu"), show_progress=False)
+    LayerLoop(layers, METHODS["wanda"], NM(2, 4), torch.device("cpu"), exclude=("mlp.down_proj",),
+              show_progress=False).run(captured)
     assert torch.equal(layers[0].mlp.down_proj.weight, before)
     assert (layers[0].mlp.up_proj.weight == 0).float().mean() == 0.5
 
@@ -225,7 +226,7 @@ def test_excluded_matrices_stay_dense():
 def test_magnitude_needs_no_data_and_gpt2_conv1d_is_pruned_along_inputs():
     model = build("gpt2")
     _, layers = find_decoder_layers(model)
-    reports = engine.prune_without_data(layers, METHODS["magnitude"], NM(2, 4), torch.device("cpu"), show_progress=False)
+    reports = LayerLoop(layers, METHODS["magnitude"], NM(2, 4), torch.device("cpu"), show_progress=False).run(None)
     weight = layers[0].mlp.c_proj.weight  # Conv1D: [in=256, out=64]
     assert weight.shape == (256, 64)
     groups = (weight.t() != 0).reshape(64, -1, 4).sum(-1)

@@ -37,12 +37,12 @@ from transformers import (
 
 from llmprune.models import sources as lm
 from llmprune.errors import UsageError
+from llmprune.models.loader import load_model
 from llmprune.models.sources import (
     ALIASES,
     ModelAlias,
     describe_source,
     gguf_cache_folder,
-    load_model,
     model_max_length,
     prepare_for_save,
     resolve_model_source,

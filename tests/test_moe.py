@@ -18,12 +18,13 @@ import transformers as tf
 
 import llmprune
 from llmprune.checkpoints import format as fmt
-from llmprune.oneshot import engine
+from llmprune.calibration.capture import capture_layer_calls
+from llmprune.oneshot.loop import LayerLoop
 from llmprune.models.architecture import check_pattern_fits, find_decoder_layers, prunable_matrices
 from llmprune.checkpoints.save import save_checkpoint
 from llmprune.calibration.collector import StatisticsCollector
 from llmprune.errors import UsageError
-from llmprune.solvers import METHODS
+from llmprune.oneshot.methods import METHODS
 from llmprune.patterns import NM
 from llmprune.calibration.statistics import ColumnNormStat, HessianStat
 
@@ -173,7 +174,7 @@ def test_each_expert_statistic_comes_from_exactly_its_routed_tokens(family, kind
     assert implementation != "eager"  # the collector must switch to the per-expert loop itself
     _, layers = find_decoder_layers(model)
     ids = torch.randint(0, 128, (3, 24), generator=torch.Generator().manual_seed(1))
-    captured = engine.capture_layer_calls(model, layers, ids, torch.device("cpu"), show_progress=False)
+    captured = capture_layer_calls(model, layers, ids, torch.device("cpu"), show_progress=False)
     layer, calls = layers[0], captured.calls[0]
 
     mlp_inputs = []
@@ -365,7 +366,7 @@ def test_transposed_experts_of_gpt_oss_get_their_routed_tokens_and_prune_along_i
     model = tf.AutoModelForCausalLM.from_config(config).eval()
     _, layers = find_decoder_layers(model)
     ids = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(1))
-    captured = engine.capture_layer_calls(model, layers, ids, torch.device("cpu"), show_progress=False)
+    captured = capture_layer_calls(model, layers, ids, torch.device("cpu"), show_progress=False)
     layer, calls = layers[0], captured.calls[0]
 
     mlp_inputs = []
@@ -386,9 +387,8 @@ def test_transposed_experts_of_gpt_oss_get_their_routed_tokens_and_prune_along_i
         got = collector.stats[collector.group_of[f"mlp.experts.{e}.gate_up_proj"]].value().double()
         torch.testing.assert_close(got, total / samples, rtol=1e-5, atol=1e-6 * float(total.abs().max() / samples))
 
-    captured = engine.capture_layer_calls(model, layers, ids, torch.device("cpu"), show_progress=False)
-    reports = engine.prune_layers(layers, captured, METHODS["wanda"], NM(2, 4), torch.device("cpu"),
-                                  show_progress=False)
+    captured = capture_layer_calls(model, layers, ids, torch.device("cpu"), show_progress=False)
+    reports = LayerLoop(layers, METHODS["wanda"], NM(2, 4), torch.device("cpu"), show_progress=False).run(captured)
     assert reports[0].left_dense == []
     down = layers[0].mlp.experts.down_proj[1]  # [in, out]: groups of 4 run along dim 0
     assert bool(((down.T != 0).reshape(down.shape[1], -1, 4).sum(-1) == 2).all())

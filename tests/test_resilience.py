@@ -18,6 +18,7 @@ import transformers as tf
 
 import llmprune
 from llmprune.checkpoints import format as compressed
+from llmprune.checkpoints import safetensors_io
 from llmprune.errors import UsageError
 from llmprune.runtime.workdir import PROGRESS_FILE
 
@@ -139,7 +140,7 @@ def test_dense_shards_split_and_index(tiny_llama_dir, texts, tmp_path, one_threa
     result = llmprune.prune(str(tiny_llama_dir), offload="disk", work_dir=str(tmp_path / "work"),
                             **fast(texts, method="wanda", pattern="2:4"))
     model = result.model
-    tensors, tied = compressed.unique_state(model)
+    tensors, tied = safetensors_io.unique_state(model)
     state = checkpoint.StreamedState(tensors, "model.layers", llmprune.runtime.workdir.WorkDir(tmp_path / "work").read_layer)
     out = tmp_path / "sharded"
     out.mkdir()

@@ -11,9 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmprune.errors import UsageError
+from llmprune.oneshot.methods import METHODS
 from llmprune.solvers import (
-    METHODS,
+    MagnitudeConfig,
     SolveResult,
+    SparseGPTConfig,
+    WandaConfig,
     magnitude_prune,
     sparsegpt_prune,
     wanda_prune,
@@ -321,22 +324,40 @@ def test_sparsity_zero_returns_weight_unchanged(dtype):
 
 def test_methods_table():
     assert set(METHODS) == {"magnitude", "wanda", "sparsegpt"}
-    assert METHODS["magnitude"].stat_cls is None
-    assert METHODS["wanda"].stat_cls is ColumnNormStat
-    assert METHODS["sparsegpt"].stat_cls is HessianStat
+    assert METHODS["magnitude"].statistic is None and not METHODS["magnitude"].needs_data
+    assert METHODS["wanda"].statistic is ColumnNormStat
+    assert METHODS["sparsegpt"].statistic is HessianStat
+    assert [METHODS[m].config for m in ("sparsegpt", "wanda", "magnitude")] == [SparseGPTConfig, WandaConfig, MagnitudeConfig]
     W = torch.randn(8, 16)
     H, norms = _stats(_correlated_inputs(64, 16, seed=7))
     direct = sparsegpt_prune(W, H, NM(2, 4), blocksize=8, percdamp=0.1)
-    via = METHODS["sparsegpt"].solve(W, H, NM(2, 4), blocksize=8, percdamp=0.1)
+    via = METHODS["sparsegpt"].solve(W, H, NM(2, 4), SparseGPTConfig(blocksize=8, percdamp=0.1))
     assert torch.equal(via.weight, direct.weight)
-    assert torch.equal(METHODS["wanda"].solve(W, norms, NM(2, 4)).mask, wanda_prune(W, norms, NM(2, 4)).mask)
-    assert torch.equal(METHODS["magnitude"].solve(W, None, NM(2, 4)).mask, magnitude_prune(W, NM(2, 4)).mask)
-    with pytest.raises(UsageError, match="blocksize"):
-        METHODS["magnitude"].solve(W, None, NM(2, 4), blocksize=8)
-    with pytest.raises(UsageError, match="damp"):
-        METHODS["sparsegpt"].solve(W, H, NM(2, 4), damp=0.1)
+    assert torch.equal(METHODS["wanda"].solve(W, norms, NM(2, 4), WandaConfig()).mask, wanda_prune(W, norms, NM(2, 4)).mask)
+    assert torch.equal(METHODS["magnitude"].solve(W, None, NM(2, 4), MagnitudeConfig()).mask,
+                       magnitude_prune(W, NM(2, 4)).mask)
     with pytest.raises(ValueError, match="statistic"):
-        METHODS["wanda"].solve(W, None, NM(2, 4))
+        METHODS["wanda"].solve(W, None, NM(2, 4), WandaConfig())
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(blocksize=0), "--blocksize must be a positive integer, got 0"),
+    (dict(blocksize=True), "--blocksize must be a positive integer"),
+    (dict(percdamp=-1.0), "--percdamp must be a non-negative number, got -1.0"),
+])
+def test_sparsegpt_config_rejects_bad_values(options, message):
+    with pytest.raises(UsageError, match=message):
+        SparseGPTConfig(**options)
+
+
+def test_make_config_takes_own_options_and_warns_about_others(caplog):
+    assert METHODS["sparsegpt"].make_config({"percdamp": 0.05, "blocksize": 64}) == SparseGPTConfig(0.05, 64)
+    with caplog.at_level("WARNING", logger="llmprune.oneshot.methods"):
+        assert METHODS["wanda"].make_config({"percdamp": 0.01, "blocksize": 128}) == WandaConfig()
+    assert caplog.records == []  # defaults of another method's options: nothing to say
+    with caplog.at_level("WARNING", logger="llmprune.oneshot.methods"):
+        assert METHODS["wanda"].make_config({"percdamp": 0.05, "blocksize": 128}) == WandaConfig()
+    assert [r.getMessage() for r in caplog.records] == ["--percdamp applies to sparsegpt only; ignored for wanda"]
 
 
 # ---------------------------------------------------------------------------------------------

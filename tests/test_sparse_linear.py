@@ -345,7 +345,7 @@ def test_cuda_tiny_llama_bf16():
 
 def _load_smollm2() -> nn.Module:
     try:
-        from llmprune.models.sources import load_model
+        from llmprune.models.loader import load_model
     except ImportError:
         load_model = None
     if load_model is not None:

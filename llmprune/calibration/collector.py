@@ -177,6 +177,19 @@ class StatisticsCollector:
             config._experts_implementation_internal = implementation
         self._saved_implementations.clear()
 
+    def accumulate_only(self, groups: set[int] | None) -> None:
+        """From now on only the groups in ``groups`` accumulate (None: all); others are still
+        numbered when first called."""
+        self.active = groups
+
+    def has_statistic(self, group: int) -> bool:
+        return group in self.stats
+
+    def take_statistic(self, group: int):
+        """Remove group ``group``'s statistic from the collector and return it, so that the
+        caller's reference is the last one (freed after its solve)."""
+        return self.stats.pop(group)
+
     def end_sample(self) -> None:
         """Forget this pass's input tensors (they were kept alive so ids stay unique)."""
         self._pass_inputs.clear()

@@ -22,27 +22,22 @@ its ``nnz`` and N:M pattern are checked expert by expert. Shards are
 does not mistake the folder for a dense checkpoint (it finds no ``model.safetensors`` and
 refuses).
 
-Reading does not use ``safetensors.safe_open``: that maps the whole shard, and the mapped
-pages count towards the process's memory next to the model being built (two copies of a
-one-shard model). :func:`read_tensor` reads each tensor's bytes straight into the buffer
-that becomes the parameter. Every check raises :class:`CheckpointError` with one line
-naming the file and the tensor.
+Shards are read and written by ``llmprune.checkpoints.safetensors_io`` (no memory maps).
+Every check raises :class:`llmprune.errors.CheckpointError` with one line naming the file
+and the tensor.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import struct
-from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
 
 import torch
 from torch import Tensor
 
-from llmprune.errors import UsageError
+from llmprune.checkpoints.safetensors_io import ST_DTYPES, ShardHeader, ShardWriter, unique_state
+from llmprune.errors import CheckpointError, UsageError
 
 FORMAT_COMPRESSED = "llmprune-compressed"
 FORMAT_DENSE = "llmprune-dense"
@@ -61,17 +56,8 @@ META_WEIGHTS = "llmprune.weights"
 _ENTRY_KEYS = {"storage", "shape", "dtype", "transposed", "pattern", "nnz"}
 _FIELDS = {"2:4": ("values", "meta"), "bitmap": ("values", "bitmap", "offsets")}
 
-# safetensors dtype codes <-> torch dtypes (the subset a causal LM holds).
-_ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-_MAX_HEADER = 100 * 2**20  # the safetensors limit
 
 
-class CheckpointError(UsageError):
-    """A checkpoint file is missing, truncated, inconsistent or of an unknown format version."""
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -81,7 +67,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def parse_dtype_name(name: object, where: str) -> torch.dtype:
     dtype = getattr(torch, str(name), None) if isinstance(name, str) else None
-    if not isinstance(dtype, torch.dtype) or dtype not in _ST_DTYPES.values():
+    if not isinstance(dtype, torch.dtype) or dtype not in ST_DTYPES.values():
         raise CheckpointError(f"{where}: unknown dtype {name!r}")
     return dtype
 
@@ -302,99 +288,6 @@ def _checked_nonzeros(matrix: Tensor, nm: tuple[int, int] | None, where: str) ->
     return nnz
 
 
-# ------------------------------------------------------------------------- safetensors reading
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    begin: int  # absolute byte offsets in the file
-    end: int
-
-
-@dataclass(frozen=True)
-class ShardHeader:
-    path: Path
-    tensors: dict[str, TensorInfo]
-    metadata: dict[str, str]
-
-
-def read_header(path: Path, label: str | None = None) -> ShardHeader:
-    """Parse a safetensors header and check every tensor's bytes lie inside the file.
-
-    A file shorter than its header says (a truncated download or an interrupted copy) is
-    refused here, naming the first tensor that runs past the end.
-    """
-    label = label or str(path)
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{label}: truncated: {size} bytes, not even a safetensors header")
-            (length,) = struct.unpack("<Q", head)
-            if length > _MAX_HEADER or 8 + length > size:
-                raise CheckpointError(f"{label}: truncated or not safetensors: header of {length} bytes, file of {size}")
-            raw = f.read(length)
-    except FileNotFoundError:
-        raise CheckpointError(f"{label}: file is missing") from None
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{label}: corrupt safetensors header ({error})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{label}: corrupt safetensors header (not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
-    start = 8 + length
-    tensors: dict[str, TensorInfo] = {}
-    # File order, so that a truncated file names the first tensor it cuts.
-    ordered = sorted(header.items(), key=lambda kv: _first_offset(kv[1]))
-    for name, info in ordered:
-        where = f"{label}: tensor {name}"
-        try:
-            dtype = _ST_DTYPES[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-            begin, end = (int(v) for v in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{where}: unsupported or corrupt header entry {info!r}") from None
-        want = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        if end - begin != want or begin < 0:
-            raise CheckpointError(f"{where}: header gives {end - begin} bytes for shape {list(shape)} {info['dtype']}")
-        if start + end > size:
-            raise CheckpointError(
-                f"{where}: truncated file: the tensor ends at byte {start + end} but the file has {size} bytes"
-            )
-        tensors[name] = TensorInfo(dtype, shape, start + begin, start + end)
-    return ShardHeader(path, tensors, {str(k): str(v) for k, v in metadata.items()})
-
-
-def _first_offset(info: object) -> int:
-    try:
-        return int(info["data_offsets"][0])  # type: ignore[index]
-    except (KeyError, TypeError, ValueError, IndexError):
-        return -1  # reported as corrupt by the caller
-
-
-def read_tensor(f: BinaryIO, info: TensorInfo, where: str) -> Tensor:
-    """Read one tensor's bytes from an open shard into a new CPU tensor (one copy, no mapping)."""
-    nbytes = info.end - info.begin
-    buf = torch.empty(nbytes, dtype=torch.uint8)
-    f.seek(info.begin)
-    got = f.readinto(memoryview(buf.numpy())) if nbytes else 0
-    if got != nbytes:
-        raise CheckpointError(f"{where}: truncated file: read {got} of {nbytes} bytes")
-    return buf.view(info.dtype).reshape(info.shape)
-
-
-def iter_tensors(header: ShardHeader, names: list[str], label: str) -> Iterator[tuple[str, Tensor]]:
-    """Yield ``(name, tensor)`` for ``names`` of one shard, in file order (sequential reads)."""
-    ordered = sorted(names, key=lambda n: header.tensors[n].begin)
-    with header.path.open("rb") as f:
-        for name in ordered:
-            yield name, read_tensor(f, header.tensors[name], f"{label}: tensor {name}")
-
-
 def shard_weights(header: ShardHeader, label: str) -> dict[str, dict]:
     """The packed-weight entries a compressed shard declares; checks its format and version."""
     fmt = header.metadata.get(META_FORMAT)
@@ -433,29 +326,6 @@ def packed_fields(storage: str) -> tuple[str, ...]:
 # ------------------------------------------------------------------------- writing
 
 
-def unique_state(model: torch.nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """``(tensors, tied)``: the state dict without aliases, and ``{alias: kept name}``.
-
-    Tied parameters (``lm_head.weight`` is ``embed_tokens.weight`` in SmolLM2) are stored
-    once, under the first name in ``state_dict`` order.
-    """
-    tensors: dict[str, Tensor] = {}
-    tied: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    for name, tensor in model.state_dict().items():
-        if tensor.is_meta:  # no storage to compare (a decoder layer offloaded to disk)
-            tensors[name] = tensor
-            continue
-        key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
-               tensor.dtype)
-        if tensor.numel() and key in seen:
-            tied[name] = seen[key]
-            continue
-        seen[key] = name
-        tensors[name] = tensor
-    return tensors, tied
-
-
 def write_shards(
     model: torch.nn.Module,
     folder: Path,
@@ -467,80 +337,45 @@ def write_shards(
     """Write the model's tensors into compressed shards plus the index, in ``folder``.
 
     ``state``: ``(tensors, tied)`` to write instead of ``unique_state(model)`` (a
-    ``checkpoint.StreamedState`` reads decoder layers on access).
+    ``checkpoints.save.StreamedState`` reads decoder layers on access).
 
     ``pruned`` maps parameter names to ``(transposed, declared pattern dict or None)``.
     Returns the entry of every pruned parameter (``storage`` says how it was stored). A fused
     experts parameter (3-D) is stored dense: the kernels pack matrices, not stacks of them.
     One packed weight's tensors always go into one shard. Memory: one shard's tensors.
     """
-    from safetensors.torch import save_file
-
     tensors, tied = unique_state(model) if state is None else state
     unknown = sorted(set(pruned) - set(tensors))
     if unknown:
         raise UsageError(f"pruned weights {unknown[:3]} are not tensors of {type(model).__name__}")
+
+    def shard_metadata(entries: dict) -> dict:
+        return {"format": "pt", META_FORMAT: FORMAT_COMPRESSED, META_VERSION: str(FORMAT_VERSION),
+                META_WEIGHTS: json.dumps(entries, separators=(",", ":"))}
+
+    writer = ShardWriter(folder, max_shard_bytes, shard_metadata)
     entries: dict[str, dict] = {}
-    shards: list[tuple[str, list[str]]] = []  # (temporary file name, its tensor names)
-    current: dict[str, Tensor] = {}
-    current_entries: dict[str, dict] = {}
-    current_bytes = 0
-    total = 0  # bytes of tensor data, as in transformers' index files
-
-    def flush() -> None:
-        nonlocal current, current_entries, current_bytes
-        if not current:
-            return
-        name = f".shard-{len(shards) + 1:05d}.tmp"
-        metadata = {
-            "format": "pt",
-            META_FORMAT: FORMAT_COMPRESSED,
-            META_VERSION: str(FORMAT_VERSION),
-            META_WEIGHTS: json.dumps(current_entries, separators=(",", ":")),
-        }
-        save_file(current, str(folder / name), metadata=metadata)
-        shards.append((name, list(current)))
-        current, current_entries, current_bytes = {}, {}, 0
-
     for name, tensor in tensors.items():
         tensor = tensor.detach().to("cpu")
-        group: dict[str, Tensor]
-        if name in pruned:
-            transposed, pattern = pruned[name]
-            if tensor.dim() not in (2, 3):
-                raise UsageError(f"pruned weight {name} is {tensor.dim()}-D, expected a matrix or fused experts")
-            if tensor.dim() == 3:
-                storage, fields = "dense", None
-            else:
-                matrix = tensor.t() if transposed else tensor  # [out, in]
-                storage, fields = pack_weight(matrix.contiguous())
-            entry = make_entry(tensor, storage, transposed, pattern)
-            entries[name] = entry
-            if fields is not None:
-                group = {packed_key(name, k): v for k, v in fields.items()}
-            else:
-                group = {name: tensor.contiguous()}
+        if name not in pruned:
+            writer.add({name: tensor.contiguous()})
+            continue
+        transposed, pattern = pruned[name]
+        if tensor.dim() not in (2, 3):
+            raise UsageError(f"pruned weight {name} is {tensor.dim()}-D, expected a matrix or fused experts")
+        if tensor.dim() == 3:
+            storage, fields = "dense", None
         else:
-            group = {name: tensor.contiguous()}
-        size = sum(t.numel() * t.element_size() for t in group.values())
-        if current and current_bytes + size > max_shard_bytes:
-            flush()
-        current.update(group)
-        if name in entries:
-            current_entries[name] = entries[name]
-        current_bytes += size
-        total += size
-    flush()
-
-    weight_map: dict[str, str] = {}
-    for index, (tmp_name, names) in enumerate(shards, start=1):
-        final = SHARD_TEMPLATE.format(index=index, count=len(shards))
-        os.replace(folder / tmp_name, folder / final)
-        for tensor_name in names:
-            weight_map[tensor_name] = final
+            matrix = tensor.t() if transposed else tensor  # [out, in]
+            storage, fields = pack_weight(matrix.contiguous())
+        entries[name] = make_entry(tensor, storage, transposed, pattern)
+        group = {name: tensor.contiguous()} if fields is None else {packed_key(name, k): v for k, v in fields.items()}
+        writer.add(group, {name: entries[name]})
+    weight_map = writer.finish(lambda index, count: SHARD_TEMPLATE.format(index=index, count=count))
     index_data = {
-        "metadata": {"format": FORMAT_COMPRESSED, "format_version": FORMAT_VERSION, "total_size": total, "tied": tied},
-        "weight_map": dict(sorted(weight_map.items())),
+        "metadata": {"format": FORMAT_COMPRESSED, "format_version": FORMAT_VERSION, "total_size": writer.total_bytes,
+                     "tied": tied},
+        "weight_map": weight_map,
     }
     (folder / INDEX_FILE).write_text(json.dumps(index_data, indent=2) + "\n")
     return entries

@@ -18,6 +18,7 @@ import logging
 import os
 from pathlib import Path
 
+from llmprune.checkpoints.files import PICKLE_SUFFIXES
 from llmprune.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,6 @@ UPLOAD_PATTERNS = (
     "*.tiktoken",
     "*.py",
 )
-_PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def check_repo_id(repo_id: object) -> str:
@@ -87,6 +87,7 @@ def upload_plan(folder: str | os.PathLike) -> list[str]:
     and leftovers of an interrupted save (``.*.partial-*``). Hidden files are never uploaded.
     """
     from llmprune.checkpoints import format as compressed
+    from llmprune.checkpoints import safetensors_io
     from llmprune.checkpoints.load import read_metadata
 
     root = Path(folder)
@@ -94,7 +95,7 @@ def upload_plan(folder: str | os.PathLike) -> list[str]:
         raise UsageError(f"{str(root)!r} is not a folder")
     meta = read_metadata(root)
     files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-    pickles = [f for f in files if f.endswith(_PICKLES)]
+    pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
     if pickles:
         raise UsageError(f"{root / pickles[0]}: refusing to upload pickle files from a checkpoint folder")
     plan = [
@@ -109,7 +110,7 @@ def upload_plan(folder: str | os.PathLike) -> list[str]:
     if not weights:
         raise UsageError(f"{root}: no .safetensors weights; not a complete checkpoint")
     for name in weights:
-        compressed.read_header(root / name)
+        safetensors_io.read_header(root / name)
     index = compressed.INDEX_FILE if meta["format"] == compressed.FORMAT_COMPRESSED else None
     if index is not None and index not in plan:
         raise UsageError(f"{root}: compressed checkpoint without {index}")

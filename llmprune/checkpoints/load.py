@@ -5,7 +5,7 @@ with dense weights, bitwise equal to what was saved (``-0.0`` comes back as ``+0
 compressed storage), or, with ``kernels=True``, with the pruned ``Linear`` modules replaced
 by ``llmprune.kernels.linear.SparseLinear``.
 
-Checks, each failing with a one-line :class:`llmprune.checkpoints.format.CheckpointError` naming
+Checks, each failing with a one-line :class:`llmprune.errors.CheckpointError` naming
 the file and the tensor: ``llmprune.json`` present, its format known and its
 ``format_version`` supported; every shard present, its header sound and not truncated;
 every tensor the index lists present and every tensor the model needs found; shapes and
@@ -29,18 +29,18 @@ import sys
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from llmprune.checkpoints import format as fmt
 from llmprune.checkpoints.save import METADATA_FILE
-from llmprune.checkpoints.format import CheckpointError
-from llmprune.errors import UsageError
+from llmprune.checkpoints import safetensors_io as st
+from llmprune.checkpoints.files import PICKLE_SUFFIXES
+from llmprune.errors import CheckpointError, UsageError
+from llmprune.runtime.devices import parse_dtype
+from llmprune.models.skeleton import get_tensor, set_tensor, share_tensor
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-_HUB_IGNORE = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.gguf", "*.h5", "*.msgpack", "*.onnx"]
+_HUB_IGNORE = [f"*{suffix}" for suffix in (*PICKLE_SUFFIXES, ".gguf", ".h5", ".msgpack", ".onnx")]
 DENSE_WEIGHTS = "model.safetensors"
 DENSE_INDEX = "model.safetensors.index.json"
 
@@ -68,7 +68,7 @@ def load(
     revision: branch, tag or commit of a Hub repo (not for local folders).
     Raises UsageError (CheckpointError for bad files) with a one-line message.
     """
-    cast = _parse_dtype(dtype)
+    cast = _parse_cast(dtype)
     folder = _resolve(path_or_hub_id, revision)
     meta = read_metadata(folder)
     if min_bitmap_sparsity is None:
@@ -101,14 +101,10 @@ def load(
 # ------------------------------------------------------------------------------ resolving
 
 
-def _parse_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or (isinstance(dtype, str) and dtype.strip().lower() == "auto"):
-        return None
-    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype.strip().lower().removeprefix("torch.") in _DTYPES:
-        return _DTYPES[dtype.strip().lower().removeprefix("torch.")]
-    raise UsageError(f"unknown dtype {dtype!r}; valid: auto, {', '.join(_DTYPES)}")
+def _parse_cast(dtype) -> torch.dtype | None:
+    """None or "auto": keep the stored dtypes; else the dtype to cast floating tensors to."""
+    parsed = "auto" if dtype is None else parse_dtype(dtype)
+    return None if parsed == "auto" else parsed
 
 
 def _resolve(source: str | os.PathLike, revision: str | None) -> Path:
@@ -189,7 +185,7 @@ def _load_dense(folder: Path, meta: dict, cast, device, trust_remote_code: bool)
     else:
         raise CheckpointError(f"{folder}: a dense llmprune checkpoint needs {DENSE_WEIGHTS} or {DENSE_INDEX}")
     files = sorted(set(weight_map.values())) if weight_map is not None else [DENSE_WEIGHTS]
-    headers = {f: fmt.read_header(_inside(folder, f)) for f in files}
+    headers = {f: st.read_header(_inside(folder, f)) for f in files}
     for key, file in (weight_map or {}).items():
         if key not in headers[file].tensors:
             raise CheckpointError(f"{folder / file}: tensor {key} is missing (listed in {DENSE_INDEX})")
@@ -249,7 +245,7 @@ def _load_compressed(folder: Path, meta: dict, cast, device, trust_remote_code: 
         raise CheckpointError(f"{index_path}: weight_map and metadata.tied must be JSON objects")
 
     # 1. Every file check before any weight is read.
-    headers = {f: fmt.read_header(_inside(folder, f)) for f in sorted(set(weight_map.values()))}
+    headers = {f: st.read_header(_inside(folder, f)) for f in sorted(set(weight_map.values()))}
     for key, file in weight_map.items():
         if key not in headers[file].tensors:
             raise CheckpointError(f"{folder / file}: tensor {key} is missing (listed in {fmt.INDEX_FILE})")
@@ -292,7 +288,7 @@ def _load_compressed(folder: Path, meta: dict, cast, device, trust_remote_code: 
     for file, header in headers.items():
         label = str(folder / file)
         plain = [k for k in header.tensors if k not in packed_keys]
-        for key, tensor in fmt.iter_tensors(header, plain, label):
+        for key, tensor in st.iter_tensors(header, plain, label):
             where = f"{label}: tensor {key}"
             target = expected.get(key)
             if target is None:
@@ -301,7 +297,7 @@ def _load_compressed(folder: Path, meta: dict, cast, device, trust_remote_code: 
                 raise CheckpointError(f"{where}: shape {list(tensor.shape)}, the model expects {list(target.shape)}")
             if key in described:
                 _check_declared(tensor, described[key][1], where)
-            _set_tensor(model, key, _cast(tensor, cast).to(device))
+            set_tensor(model, key, _cast(tensor, cast).to(device))
         for name, (shard, entry) in described.items():
             if shard != file or entry["storage"] == "dense":
                 continue
@@ -320,7 +316,7 @@ def _load_compressed(folder: Path, meta: dict, cast, device, trust_remote_code: 
             keys = {fmt.packed_key(name, f): f for f in fmt.packed_fields(entry["storage"])}
             dtype = fmt.parse_dtype_name(entry["dtype"], where)
             matrix = None if keep else torch.empty(shape, dtype=dtype)  # [out, in]
-            fields = {keys[k]: t for k, t in fmt.iter_tensors(header, list(keys), label)}
+            fields = {keys[k]: t for k, t in st.iter_tensors(header, list(keys), label)}
             if matrix is None:
                 matrix = torch.empty(shape, dtype=dtype)
             fmt.decode_packed(entry["storage"], fields, shape, where, out=matrix)  # validated
@@ -329,7 +325,7 @@ def _load_compressed(folder: Path, meta: dict, cast, device, trust_remote_code: 
                 kept[name] = _cast_packed(fmt.packed_from_fields(entry["storage"], fields, shape), cast).to(device)
             else:
                 weight = matrix.t().contiguous() if entry["transposed"] else matrix
-                _set_tensor(model, name, _cast(weight, cast).to(device))
+                set_tensor(model, name, _cast(weight, cast).to(device))
                 del weight
             since_trim += matrix.numel() * matrix.element_size()
             del matrix, fields
@@ -342,8 +338,8 @@ def _load_compressed(folder: Path, meta: dict, cast, device, trust_remote_code: 
     # 4. Ties, then nothing may be left on the meta device.
     model.tie_weights()
     for alias, source in tied.items():
-        if alias in expected and _get_tensor(model, alias).is_meta and not _get_tensor(model, source).is_meta:
-            _share(model, alias, source)
+        if alias in expected and get_tensor(model, alias).is_meta and not get_tensor(model, source).is_meta:
+            share_tensor(model, alias, source)
     for name, tensor in model.state_dict(keep_vars=True).items():
         if tensor.is_meta and name not in kept:
             raise CheckpointError(f"{index_path}: tensor {name} is missing (no shard holds it)")
@@ -376,29 +372,6 @@ def _release_freed_memory() -> None:
         _MALLOC_TRIM.append(trim)
     if _MALLOC_TRIM[0] is not None:
         _MALLOC_TRIM[0](0)
-
-
-def _get_tensor(model: nn.Module, name: str) -> torch.Tensor:
-    module_name, _, leaf = name.rpartition(".")
-    return getattr(model.get_submodule(module_name), leaf)
-
-
-def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    module_name, _, leaf = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    if leaf in module._parameters:
-        old = module._parameters[leaf]
-        grad = bool(old is not None and old.requires_grad and tensor.is_floating_point())
-        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=grad)
-    elif leaf in module._buffers:
-        module._buffers[leaf] = tensor
-    else:
-        raise CheckpointError(f"tensor {name} is neither a parameter nor a buffer of {type(model).__name__}")
-
-
-def _share(model: nn.Module, alias: str, source: str) -> None:
-    module_name, _, leaf = alias.rpartition(".")
-    setattr(model.get_submodule(module_name), leaf, _get_tensor(model, source))
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

@@ -18,54 +18,18 @@ import json
 import logging
 import math
 import os
-import shutil
-import uuid
 from collections.abc import Callable, Mapping
-from contextlib import contextmanager
 from pathlib import Path
 
+from llmprune.checkpoints import format as fmt
+from llmprune.checkpoints import safetensors_io as st
+from llmprune.checkpoints.files import atomic_dir
 from llmprune.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
 METADATA_FILE = "llmprune.json"
 SAVE_FORMATS = ("dense", "compressed")
-
-
-def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Fail early (before any work) if ``path`` exists, is not empty, and ``overwrite`` is off."""
-    target = Path(path)
-    if target.exists() and not target.is_dir():
-        raise UsageError(f"--save {str(target)!r} exists and is not a folder")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise UsageError(f"--save folder {str(target)!r} exists and is not empty; pass --overwrite to replace it")
-    return target
-
-
-@contextmanager
-def atomic_dir(target: str | os.PathLike, overwrite: bool = False):
-    """Yield a temporary folder beside ``target``; on success rename it to ``target``.
-
-    On any exception (Ctrl-C included) the temporary folder is removed and ``target`` is
-    left as it was. With ``overwrite`` an existing ``target`` is replaced only after the
-    new folder is complete.
-    """
-    target = check_output_dir(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def library_versions() -> dict[str, str]:
@@ -116,7 +80,7 @@ def pruned_parameters(model, metadata: dict, pruned: dict[str, dict | None] | No
 
     Mixture-of-experts: a reported expert slice (``mlp.experts.3.gate_up_proj`` of layer 0)
     declares its whole fused 3-D parameter (``model.layers.0.mlp.experts.gate_up_proj``), once;
-    its entry has the 3-D shape and ``compressed.verify_matrix`` checks nnz and pattern on every
+    its entry has the 3-D shape and ``fmt.verify_matrix`` checks nnz and pattern on every
     expert. When some expert of that parameter is missing from the report (no token was
     routed to it, or it was excluded), it is still dense, so the parameter is declared with
     pattern None: only its nonzero count is checked.
@@ -179,7 +143,6 @@ def save_checkpoint(
     ``read_layer(i)`` (``WorkDir.read_layer``), one layer in memory at a time, and the dense
     format is written by :func:`write_dense_shards` instead of ``save_pretrained``.
     """
-    from llmprune.checkpoints import format as compressed
     from llmprune.checkpoints import modelcard
     from llmprune.models.sources import prepare_for_save
 
@@ -188,26 +151,26 @@ def save_checkpoint(
     declared = pruned_parameters(model, metadata, pruned)
     state = None
     if layer_files is not None:
-        tensors, tied = compressed.unique_state(model)
+        tensors, tied = st.unique_state(model)
         state = (StreamedState(tensors, *layer_files), tied)
     with atomic_dir(target, overwrite) as tmp:
         if save_format == "dense" and state is not None:
             _save_config(model, tmp)
-            entries = write_dense_shards(state[0], tmp, declared, max_shard_bytes or compressed.DEFAULT_MAX_SHARD_BYTES)
+            entries = write_dense_shards(state[0], tmp, declared, max_shard_bytes or fmt.DEFAULT_MAX_SHARD_BYTES)
             stored = {name: math.prod(e["shape"]) * _itemsize(e["dtype"]) for name, e in entries.items()}
         elif save_format == "dense":
             kwargs = {} if max_shard_bytes is None else {"max_shard_size": max_shard_bytes}
             model.save_pretrained(tmp, safe_serialization=True, **kwargs)
             params = model.state_dict()
             entries = {
-                name: compressed.make_entry(params[name], "dense", transposed, pattern)
+                name: fmt.make_entry(params[name], "dense", transposed, pattern)
                 for name, (transposed, pattern) in declared.items()
             }
             stored = {name: params[name].numel() * params[name].element_size() for name in entries}
         else:
             _save_config(model, tmp)
-            entries = compressed.write_shards(
-                model, tmp, declared, max_shard_bytes=max_shard_bytes or compressed.DEFAULT_MAX_SHARD_BYTES, state=state
+            entries = fmt.write_shards(
+                model, tmp, declared, max_shard_bytes=max_shard_bytes or fmt.DEFAULT_MAX_SHARD_BYTES, state=state
             )
             stored = _stored_bytes(tmp, entries)
         if tokenizer is not None:
@@ -217,15 +180,15 @@ def save_checkpoint(
         }
         weight_files = sorted(p.name for p in tmp.glob("*.safetensors"))
         payload = {
-            "format": compressed.FORMAT_DENSE if save_format == "dense" else compressed.FORMAT_COMPRESSED,
-            "format_version": compressed.FORMAT_VERSION,
+            "format": fmt.FORMAT_DENSE if save_format == "dense" else fmt.FORMAT_COMPRESSED,
+            "format_version": fmt.FORMAT_VERSION,
             **metadata,
             "base_model": base_model or {},
             "pruned_weights": entries,
             "sizes": {
                 "pruned_dense_bytes": sum(dense_bytes.values()),
                 "pruned_stored_bytes": sum(stored.values()),
-                "storage_counts": {s: sum(e["storage"] == s for e in entries.values()) for s in compressed.STORAGES},
+                "storage_counts": {s: sum(e["storage"] == s for e in entries.values()) for s in fmt.STORAGES},
                 "weight_files_bytes": sum((tmp / f).stat().st_size for f in weight_files),
             },
             "versions": library_versions(),
@@ -246,7 +209,7 @@ def _save_config(model, folder: Path) -> None:
 class StreamedState(Mapping):
     """A state dict whose decoder-layer tensors are read on access, one layer at a time.
 
-    ``tensors``: the model's unique tensors (``compressed.unique_state``), decoder-layer ones
+    ``tensors``: the model's unique tensors (``safetensors_io.unique_state``), decoder-layer ones
     on the meta device; ``prefix``: the decoder stack's path; ``read_layer(i)``: layer i's
     tensors by full name. Iterating in state-dict order reads each layer once.
     """
@@ -281,45 +244,20 @@ def write_dense_shards(state: Mapping, folder: Path, declared: dict, max_shard_b
     or ``model-0000i-of-0000N.safetensors`` shards of at most ``max_shard_bytes`` plus
     ``model.safetensors.index.json``), reading one tensor at a time. Returns the entry of every
     ``declared`` pruned weight (``pruned_parameters``), stored densely."""
-    from safetensors.torch import save_file
-
-    from llmprune.checkpoints import format as compressed
-
+    writer = st.ShardWriter(folder, max_shard_bytes)
     entries: dict[str, dict] = {}
-    shards: list[tuple[str, list[str]]] = []
-    current: dict = {}
-    current_bytes = total = 0
-
-    def flush() -> None:
-        nonlocal current, current_bytes
-        if current:
-            name = f".shard-{len(shards) + 1:05d}.tmp"
-            save_file(current, str(folder / name), metadata={"format": "pt"})
-            shards.append((name, list(current)))
-            current, current_bytes = {}, 0
-
     for name in state:
         tensor = state[name].detach().to("cpu").contiguous()
         if name in declared:
             transposed, pattern = declared[name]
-            entries[name] = compressed.make_entry(tensor, "dense", transposed, pattern)
-        size = tensor.numel() * tensor.element_size()
-        if current and current_bytes + size > max_shard_bytes:
-            flush()
-        current[name] = tensor
-        current_bytes += size
-        total += size
-    flush()
-    if len(shards) == 1:
-        os.replace(folder / shards[0][0], folder / "model.safetensors")
-        return entries
-    weight_map = {}
-    for index, (tmp_name, names) in enumerate(shards, start=1):
-        final = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
-        os.replace(folder / tmp_name, folder / final)
-        weight_map.update({n: final for n in names})
-    index_data = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index_data, indent=2) + "\n")
+            entries[name] = fmt.make_entry(tensor, "dense", transposed, pattern)
+        writer.add({name: tensor})
+    weight_map = writer.finish(
+        lambda index, count: "model.safetensors" if count == 1 else f"model-{index:05d}-of-{count:05d}.safetensors"
+    )
+    if len(set(weight_map.values())) > 1:
+        index_data = {"metadata": {"total_size": writer.total_bytes}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index_data, indent=2) + "\n")
     return entries
 
 
@@ -331,26 +269,11 @@ def _itemsize(dtype_name: str) -> int:
 
 def _stored_bytes(folder: Path, entries: dict[str, dict]) -> dict[str, int]:
     """Bytes each pruned weight takes in the compressed shards (packed fields, or the dense tensor)."""
-    from llmprune.checkpoints import format as compressed
 
     sizes: dict[str, int] = {}
     for shard in sorted(folder.glob("llmprune-compressed-*.safetensors")):
-        for key, info in compressed.read_header(shard).tensors.items():
-            name = key.split(compressed.PACKED_SEP)[0]
+        for key, info in st.read_header(shard).tensors.items():
+            name = key.split(fmt.PACKED_SEP)[0]
             if name in entries:
                 sizes[name] = sizes.get(name, 0) + info.end - info.begin
     return sizes
-
-
-def write_json_atomic(path: str | os.PathLike, data: dict) -> Path:
-    """Write ``data`` as JSON to ``path`` via a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path

@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
-import sys
-import types
-import typing
 
-from llmprune.config import METHOD_NAMES, PruneConfig
-from llmprune.errors import UsageError
+from llmprune.cli.common import add_log_level, run_reporting_errors, setup_logging
+from llmprune.config import PruneConfig
+from llmprune.oneshot.methods import METHODS, option_fields, owners
 
 
 def _flag_type(annotation: str):
@@ -23,7 +20,10 @@ def _flag_type(annotation: str):
 
 
 def build_parser(method: str | None) -> argparse.ArgumentParser:
-    """An argparse parser with one flag per ``PruneConfig`` field (``--method`` only when ``method`` is None)."""
+    """An argparse parser with one flag per ``PruneConfig`` field and per method option
+    (``--method`` only when ``method`` is None). Every method's options are accepted by every
+    entry point, as before the options were typed; those of another method are ignored with
+    a warning (``Method.make_config``)."""
     prog = f"python -m llmprune.{method}" if method else "python -m llmprune"
     parser = argparse.ArgumentParser(prog=prog, description=f"One-shot pruning with {method or 'SparseGPT, Wanda or magnitude'}.")
     for f in dataclasses.fields(PruneConfig):
@@ -31,18 +31,26 @@ def build_parser(method: str | None) -> argparse.ArgumentParser:
         help_text = f.metadata["help"]
         if f.name == "method":
             if method is None:
-                parser.add_argument(flag, choices=METHOD_NAMES, default=f.default, help=help_text)
+                parser.add_argument(flag, choices=list(METHODS), default=f.default, help=help_text)
             continue
-        kind = _flag_type(str(f.type))
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
-        else:
-            parser.add_argument(
-                flag, type=kind, default=f.default, required=f.metadata.get("required", False),
-                help=f"{help_text} (default: {f.default})" if f.default is not None else help_text,
-            )
-    parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
+        if f.metadata.get("cli", True):
+            _add_flag(parser, f, help_text)
+    for f in option_fields():
+        _add_flag(parser, f, f"{f.metadata['help']} ({', '.join(owners(f.name))} only)")
+    add_log_level(parser)
     return parser
+
+
+def _add_flag(parser: argparse.ArgumentParser, f: dataclasses.Field, help_text: str) -> None:
+    flag = "--" + f.name.replace("_", "-")
+    kind = _flag_type(str(f.type))
+    if kind is bool:
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+    else:
+        parser.add_argument(
+            flag, type=kind, default=f.default, required=f.metadata.get("required", False),
+            help=f"{help_text} (default: {f.default})" if f.default is not None else help_text,
+        )
 
 
 def _format_table(result) -> str:
@@ -63,24 +71,21 @@ def main(method: str | None = None, argv: list[str] | None = None) -> int:
     from llmprune.pipeline import default_results_path, prune
 
     args = vars(build_parser(method).parse_args(argv))
-    logging.basicConfig(level=args.pop("log_level").upper(), format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(args.pop("log_level"))
     if method is not None:
         args["method"] = method
     model = args.pop("model")
     if args["results"] is None:
         args["results"] = default_results_path(model, args["method"], args["pattern"], args["sparsity"])
-    try:
+
+    def run() -> int:
         result = prune(model, **args)
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: nothing was saved", file=sys.stderr)
-        return 130
-    if not result.is_main:
-        return 0  # another rank of a torchrun job: rank 0 prints
-    print(_format_table(result))
-    if result.config.save:
-        print(f"checkpoint: {result.config.save}")
-    print(f"results: {result.results_path}")
-    return 0
+        if not result.is_main:
+            return 0  # another rank of a torchrun job: rank 0 prints
+        print(_format_table(result))
+        if result.config.save:
+            print(f"checkpoint: {result.config.save}")
+        print(f"results: {result.results_path}")
+        return 0
+
+    return run_reporting_errors(run, interrupted="nothing was saved")

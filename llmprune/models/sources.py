@@ -49,19 +49,13 @@ from typing import Literal
 import torch
 import transformers
 from huggingface_hub.errors import HFValidationError
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PretrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     MODEL_FOR_MASKED_LM_MAPPING_NAMES,
 )
 
+from llmprune.checkpoints.files import PICKLE_SUFFIXES
 from llmprune.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -128,18 +122,8 @@ class ModelSource:
     alias: ModelAlias | None = None
 
 
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
-_DEVICE_RE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 # Hub repo ids: owner/name, letters, digits, '-', '_', '.'; each part starts alphanumeric.
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _CACHE_FORMAT = 1
 _CACHE_MARKER = "llmprune-cache.json"
 _STALE_TMP_S = 24 * 3600
@@ -220,49 +204,10 @@ def describe_source(source: str | os.PathLike | ModelSource, *, revision: str | 
     return info
 
 
-def load_model(
-    source: str | os.PathLike | ModelSource,
-    *,
-    dtype: str | torch.dtype = "auto",
-    device: str = "cpu",
-    trust_remote_code: bool = False,
-    revision: str | None = None,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load ``(model, tokenizer)`` from an alias, folder, .gguf file or Hub id, in eval mode.
-
-    dtype: "auto" (the config's dtype; fp32 for GGUF-derived models), "float32"/"fp32",
-    "float16"/"fp16", "bfloat16"/"bf16", or the matching torch.dtype.
-    device: "cpu" (default; the pipeline moves layers itself), "cuda", "cuda:N" or "mps";
-    anything but "cpu" moves the whole model there with ``model.to(device)``.
-    revision: branch, tag or commit of a Hub id; an error for local sources.
-    An alias or .gguf file is converted once (fp32) into a safetensors folder under
-    ``$LLMPRUNE_CACHE/models`` (default ``~/.cache/llmprune/models``) and later loads read that
-    folder; see the module docstring (``gguf_cache_folder`` gives its path).
-    Every bad input raises UsageError with a one-line message.
-    """
-    torch_dtype = _parse_dtype(dtype)
-    dev = _parse_device(device)
-    src = source if isinstance(source, ModelSource) else resolve_model_source(source)
+def check_revision(src: ModelSource, revision: str | None) -> None:
+    """A revision names a commit of a Hub repo: UsageError for any other source."""
     if revision is not None and src.kind != "hub":
-        raise UsageError(
-            f"revision '{revision}' applies only to Hugging Face Hub ids, not to {src.kind} '{src.source}'"
-        )
-
-    if src.kind == "hub":
-        model, tokenizer = _load_hub(src.source, torch_dtype, trust_remote_code, revision)
-    else:
-        if src.kind == "folder":
-            folder = Path(src.resolved)
-            _check_folder(folder, src.source)
-        else:
-            folder = _converted_gguf_folder(src)
-            trust_remote_code = False  # GGUF configs are built-in architectures
-        model, tokenizer = _load_pretrained(str(folder), src.source, torch_dtype, trust_remote_code, None)
-
-    model.eval()
-    if dev != "cpu":
-        model.to(dev)
-    return model, tokenizer
+        raise UsageError(f"revision '{revision}' applies only to Hugging Face Hub ids, not to {src.kind} '{src.source}'")
 
 
 def local_folder(source: str | os.PathLike | ModelSource, *, revision: str | None = None) -> Path:
@@ -270,11 +215,10 @@ def local_folder(source: str | os.PathLike | ModelSource, *, revision: str | Non
     itself, the GGUF conversion cache for an alias or .gguf file, or a Hub snapshot
     (``huggingface_hub.snapshot_download`` of the safetensors, JSON and tokenizer files)."""
     src = source if isinstance(source, ModelSource) else resolve_model_source(source)
-    if revision is not None and src.kind != "hub":
-        raise UsageError(f"revision '{revision}' applies only to Hugging Face Hub ids, not to {src.kind} '{src.source}'")
+    check_revision(src, revision)
     if src.kind == "folder":
         folder = Path(src.resolved)
-        _check_folder(folder, src.source)
+        check_folder(folder, src.source)
         return folder
     if src.kind == "hub":
         from huggingface_hub import snapshot_download
@@ -283,8 +227,8 @@ def local_folder(source: str | os.PathLike | ModelSource, *, revision: str | Non
             return Path(snapshot_download(src.source, revision=revision, allow_patterns=[
                 "*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt"]))
         except (OSError, HFValidationError) as error:
-            raise UsageError(f"could not download model '{src.source}' from the Hugging Face Hub: {_first_line(error)}") from None
-    return _converted_gguf_folder(src)
+            raise UsageError(f"could not download model '{src.source}' from the Hugging Face Hub: {first_line(error)}") from None
+    return converted_gguf_folder(src)
 
 
 def model_max_length(model: PreTrainedModel | PretrainedConfig) -> int | None:
@@ -326,43 +270,10 @@ def prepare_for_save(model: PreTrainedModel) -> None:
         delattr(model.config, "quantization_config")
 
 
-# ---------------------------------------------------------------- argument parsing
-
-
-def _parse_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
-    if isinstance(dtype, torch.dtype):
-        if dtype in _DTYPES.values():
-            return dtype
-    elif isinstance(dtype, str):
-        key = dtype.strip().lower().removeprefix("torch.")
-        if key == "auto":
-            return "auto"
-        if key in _DTYPES:
-            return _DTYPES[key]
-    raise UsageError(f"unknown dtype '{dtype}'; valid: auto, {', '.join(_DTYPES)}")
-
-
-def _parse_device(device: str) -> str:
-    text = str(device).strip().lower()
-    if not _DEVICE_RE.match(text):
-        raise UsageError(f"unknown device '{device}'; valid: cpu, cuda, cuda:N, mps")
-    if text.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UsageError(f"device '{device}' requested but CUDA is not available here; use cpu")
-        index = int(text.split(":")[1]) if ":" in text else 0
-        if index >= torch.cuda.device_count():
-            raise UsageError(
-                f"device '{device}' does not exist; this machine has {torch.cuda.device_count()} CUDA device(s)"
-            )
-    if text == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"device '{device}' requested but MPS is not available here; use cpu")
-    return text
-
-
 # ---------------------------------------------------------------- checks
 
 
-def _check_folder(folder: Path, name: str) -> None:
+def check_folder(folder: Path, name: str) -> None:
     files = [p.name for p in folder.iterdir() if p.is_file()]
     if "config.json" not in files:
         ggufs = [f for f in files if f.lower().endswith(".gguf")]
@@ -373,7 +284,7 @@ def _check_folder(folder: Path, name: str) -> None:
         )
     if any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in files):
         return
-    pickles = sorted(f for f in files if f.endswith(_PICKLE_SUFFIXES))
+    pickles = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
     if pickles:
         raise UsageError(
             f"model folder '{name}' has only pickle weights ({pickles[0]}); llmprune requires "
@@ -382,7 +293,7 @@ def _check_folder(folder: Path, name: str) -> None:
     raise UsageError(f"model folder '{name}' has no *.safetensors weights")
 
 
-def _check_causal(config: PretrainedConfig, name: str, trust_remote_code: bool) -> None:
+def check_causal(config: PretrainedConfig, name: str, trust_remote_code: bool) -> None:
     """Reject configs that AutoModelForCausalLM would not load as a decoder-only LM.
 
     The causal-LM mapping also lists encoders with an LM head (BertLMHeadModel, ...) and the
@@ -405,54 +316,9 @@ def _quant_method(qconfig) -> str:
     return str(getattr(method, "value", method))
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
-
-
-# ---------------------------------------------------------------- loading
-
-
-def _load_pretrained(
-    path_or_id: str,
-    name: str,
-    dtype: torch.dtype | str,
-    trust_remote_code: bool,
-    revision: str | None,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Config, causal check, tokenizer, then safetensors weights (cheap checks first)."""
-    try:
-        config = AutoConfig.from_pretrained(path_or_id, trust_remote_code=trust_remote_code, revision=revision)
-    except ValueError as error:  # unknown model_type, custom code without trust_remote_code, ...
-        raise UsageError(f"could not read the config of model '{name}': {_first_line(error)}") from error
-    _check_causal(config, name, trust_remote_code)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            path_or_id, trust_remote_code=trust_remote_code, revision=revision
-        )
-    except (OSError, ValueError) as error:
-        raise UsageError(f"could not load a tokenizer for model '{name}': {_first_line(error)}") from error
-    model = AutoModelForCausalLM.from_pretrained(
-        path_or_id,
-        config=config,
-        dtype=dtype,
-        use_safetensors=True,
-        trust_remote_code=trust_remote_code,
-        revision=revision,
-    )
-    return model, tokenizer
-
-
-def _load_hub(
-    hub_id: str, dtype: torch.dtype | str, trust_remote_code: bool, revision: str | None
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    try:
-        return _load_pretrained(hub_id, hub_id, dtype, trust_remote_code, revision)
-    except (OSError, HFValidationError) as error:
-        raise UsageError(
-            f"could not load model '{hub_id}' from the Hugging Face Hub (offline? gated? no "
-            f"safetensors?) and no local folder has that name: {_first_line(error)}"
-        ) from None
 
 
 # ---------------------------------------------------------------- GGUF cache
@@ -486,7 +352,7 @@ def gguf_cache_folder(source: str | os.PathLike | ModelSource) -> Path:
     return _cache_root() / "models" / f"{stem}-{key}"
 
 
-def _converted_gguf_folder(src: ModelSource) -> Path:
+def converted_gguf_folder(src: ModelSource) -> Path:
     """Return the cache folder of a GGUF source, converting it first if it is not there."""
     final = gguf_cache_folder(src)
     if (final / _CACHE_MARKER).is_file():
@@ -495,7 +361,7 @@ def _converted_gguf_folder(src: ModelSource) -> Path:
         final.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UsageError(
-            f"cannot create the model cache {final.parent} ({_first_line(error)}); set LLMPRUNE_CACHE "
+            f"cannot create the model cache {final.parent} ({first_line(error)}); set LLMPRUNE_CACHE "
             "to a writable folder"
         ) from None
     _remove_stale_tmp(final.parent)
@@ -544,8 +410,8 @@ def _convert_gguf(gguf_path: Path, name: str, out: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
     except (ValueError, OSError, KeyError) as error:
-        raise UsageError(f"could not load GGUF model '{name}': {_first_line(error)}") from error
-    _check_causal(model.config, name, trust_remote_code=False)
+        raise UsageError(f"could not load GGUF model '{name}': {first_line(error)}") from error
+    check_causal(model.config, name, trust_remote_code=False)
     prepare_for_save(model)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

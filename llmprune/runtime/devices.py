@@ -20,8 +20,31 @@ from llmprune.errors import UsageError
 logger = logging.getLogger(__name__)
 
 
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
+    """``"auto"`` (kept as the string), ``float32 | fp32 | float16 | fp16 | bfloat16 | bf16``
+    (``torch.`` prefix allowed) or one of those torch dtypes; UsageError otherwise."""
+    if isinstance(dtype, torch.dtype):
+        if dtype in DTYPES.values():
+            return dtype
+    elif isinstance(dtype, str):
+        key = dtype.strip().lower().removeprefix("torch.")
+        if key == "auto":
+            return "auto"
+        if key in DTYPES:
+            return DTYPES[key]
+    raise UsageError(f"unknown dtype '{dtype}'; valid: auto, {', '.join(DTYPES)}")
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
-    """Parse ``"auto" | "cpu" | "cuda" | "cuda:N" | "mps"``; ``auto`` picks CUDA when present."""
+    """Parse ``"auto" | "cpu" | "cuda" | "cuda:N" | "mps"``; ``auto`` picks CUDA when present.
+    A device this machine does not have raises UsageError."""
     if isinstance(device, torch.device):
         return device
     text = str(device).strip().lower()
@@ -30,11 +53,16 @@ def resolve_device(device: str | torch.device) -> torch.device:
     try:
         parsed = torch.device(text)
     except RuntimeError:
-        raise UsageError(f"unknown device {device!r}: expected auto, cpu, cuda, cuda:N or mps") from None
-    if parsed.type not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"unknown device {device!r}: expected auto, cpu, cuda, cuda:N or mps")
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"unknown device '{device}': expected auto, cpu, cuda, cuda:N or mps")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"device '{device}' requested but CUDA is not available here; use --device cpu")
+        if (parsed.index or 0) >= torch.cuda.device_count():
+            raise UsageError(f"device '{device}' does not exist; this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"device '{device}' requested but MPS is not available here; use --device cpu")
     return parsed
 
 

@@ -21,16 +21,18 @@ the interrupted run had (same inputs, same operations).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 
 import torch
 
+from llmprune.checkpoints import safetensors_io as st
+from llmprune.checkpoints.files import replace_atomically
 from llmprune.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -41,13 +43,14 @@ WORK_VERSION = 1
 
 # Config fields that change the pruned weights; a resumed run must match them all.
 RECIPE_FIELDS = ("model", "revision", "method", "sparsity", "pattern", "dataset", "nsamples", "seqlen", "seed",
-                 "dtype", "true_sequential", "percdamp", "blocksize", "exclude")
+                 "dtype", "true_sequential", "exclude")
 
 
 def fingerprint(config, calibration_sha256: str | None, num_layers: int) -> dict:
     """What must be equal for a run to continue another: the recipe fields, the calibration
     token ids' sha256 and the number of decoder layers."""
     values = {name: getattr(config, name) for name in RECIPE_FIELDS}
+    values["method_config"] = dataclasses.asdict(config.method_config)  # the method's options (SparseGPT's percdamp, ...)
     values["calibration_sha256"] = calibration_sha256
     values["num_layers"] = num_layers
     return values
@@ -136,14 +139,12 @@ class WorkDir:
         from safetensors.torch import save_file
 
         cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        _replace_durably(self.layer_path(index), lambda tmp: save_file(cpu, str(tmp)))
+        replace_atomically(self.layer_path(index), lambda tmp: save_file(cpu, str(tmp)), durable=True)
 
     def read_layer(self, index: int) -> dict[str, torch.Tensor]:
         """The tensors written by :meth:`write_layer` (read into memory, no mapping)."""
-        from llmprune.checkpoints import format as fmt
-
-        header = fmt.read_header(self.layer_path(index))
-        return dict(fmt.iter_tensors(header, list(header.tensors), str(header.path)))
+        header = st.read_header(self.layer_path(index))
+        return dict(st.iter_tensors(header, list(header.tensors), str(header.path)))
 
     def layer_done(self, index: int, report: dict) -> None:
         """Record that layer ``index`` (already written) is done, with its report."""
@@ -164,21 +165,4 @@ class WorkDir:
 
     def _write_progress(self) -> None:
         text = json.dumps(self.progress, indent=1) + "\n"
-        _replace_durably(self.path / PROGRESS_FILE, lambda tmp: tmp.write_text(text))
-
-
-def _replace_durably(target: Path, write) -> None:
-    """``write(tmp)`` a temporary file beside ``target``, fsync it and rename it onto
-    ``target``; on any failure the temporary file is removed and ``target`` is untouched."""
-    tmp = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        replace_atomically(self.path / PROGRESS_FILE, lambda tmp: tmp.write_text(text), durable=True)

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import Tensor
 
 from llmprune.solvers.masks import SolveResult, check_weight, is_dense, keep_mask, unchanged
 from llmprune.patterns import Pattern
+
+
+@dataclass(frozen=True)
+class MagnitudeConfig:
+    """Magnitude pruning has no options beyond the pattern."""
 
 
 def magnitude_prune(weight: Tensor, pattern: Pattern) -> SolveResult:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -27,6 +28,21 @@ from llmprune.solvers.masks import (
     unchanged,
 )
 from llmprune.patterns import NM, Pattern
+
+@dataclass(frozen=True)
+class SparseGPTConfig:
+    """SparseGPT's options; the field help texts are the CLI's (``--percdamp``, ``--blocksize``).
+    Raises UsageError for a value the solver cannot use."""
+
+    percdamp: float = field(default=0.01, metadata={"help": "SparseGPT dampening, as a fraction of the mean Hessian diagonal"})
+    blocksize: int = field(default=128, metadata={"help": "SparseGPT column block size"})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int) or self.blocksize < 1:
+            raise UsageError(f"--blocksize must be a positive integer, got {self.blocksize!r}")
+        if not (isinstance(self.percdamp, (int, float)) and 0 <= self.percdamp < 1e3):
+            raise UsageError(f"--percdamp must be a non-negative number, got {self.percdamp!r}")
+
 
 # Each retry multiplies the dampening by 10, so the last try adds up to 1e4 x percdamp.
 _DAMP_RETRIES = 4

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from llmprune.solvers.masks import SolveResult, check_weight, is_dense, keep_mask, unchanged
 from llmprune.patterns import Pattern
+
+
+@dataclass(frozen=True)
+class WandaConfig:
+    """Wanda has no options beyond the pattern."""
 
 
 def wanda_prune(weight: Tensor, col_norm_sq: Tensor, pattern: Pattern) -> SolveResult:

@@ -1,0 +1,307 @@
+"""The layer-wise pruning loop: per decoder layer, collect statistics, solve, and propagate the
+pruned layer's outputs to the next layer.
+
+Where things happen:
+
+* ``llmprune.calibration.capture`` - the inputs of every decoder layer, captured once.
+* ``llmprune.calibration.collector`` - forward hooks that accumulate one statistic per
+  distinct input tensor (q/k/v share one Hessian, gate/up share one).
+* :class:`LayerLoop` - the loop; solvers are pure maths in ``llmprune.solvers``, bound to
+  their statistics in ``llmprune.oneshot.methods``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from llmprune.calibration.capture import CapturedCalls, LayerCall
+from llmprune.calibration.collector import StatisticsCollector
+from llmprune.models.architecture import PrunableMatrix, prunable_matrices
+from llmprune.oneshot.methods import Method
+from llmprune.oneshot.reports import LayerReport, MatrixReport
+from llmprune.patterns import Pattern
+from llmprune.runtime import devices
+
+
+@dataclass
+class Stream:
+    """Hidden states run through every decoder layer alongside the calibration data.
+
+    Used for a streamed perplexity (``--offload disk``, where the whole model is never in
+    memory): ``hidden`` holds the evaluation windows' states, ``calls`` how each layer is
+    called for them (``CapturedCalls.calls``). A ``dense`` stream goes through each layer
+    before it is pruned, the others after.
+    """
+
+    name: str
+    hidden: object  # llmprune.runtime.activations.HiddenStates
+    calls: list[list[LayerCall]]
+    dense: bool
+
+
+@dataclass
+class LayerLoop:
+    """Prunes ``layers`` in order, in place (:meth:`run`).
+
+    Per layer: (1) one forward pass over all windows with hooks accumulating statistics
+    (``true_sequential``: one pass per input group, each after the previous groups were
+    pruned), (2) solve each matrix, (3) one more forward pass whose outputs replace the
+    hidden states as the next layer's inputs. The relative output error
+    ``||Y_pruned - Y_dense|| / ||Y_dense||`` is measured against the dense outputs of the
+    first statistics pass. Without calibration data (a data-free method): only step (2).
+
+    config: the method's options (``method.config()`` when None).
+    weights: where layers live between uses (``llmprune.runtime.layers.MemoryLayers`` /
+        ``DiskLayers``); default: in memory, moved to ``device`` and back to the CPU.
+    exclude: name patterns of matrices left dense.
+    streams: extra hidden states propagated through the dense or pruned layers (:class:`Stream`).
+    start: layers before it were pruned by an earlier, interrupted run; they are read back
+        pruned from the work folder (``weights.load(..., pruned=True)``) and only propagate,
+        or, when nothing runs through them, only restored (``weights.restore``).
+    on_layer_done: called with ``(index, report)`` after each newly pruned layer was released.
+    group: a ``llmprune.runtime.distributed.ProcessGroup``; with several ranks the statistics
+        are summed over ranks, rank 0 solves and broadcasts the pruned weights.
+    """
+
+    layers: nn.ModuleList
+    method: Method
+    pattern: Pattern
+    device: torch.device
+    config: object | None = None
+    weights: object | None = None
+    exclude: tuple[str, ...] = ()
+    true_sequential: bool = False
+    streams: Sequence[Stream] = ()
+    start: int = 0
+    on_layer_done: Callable[[int, LayerReport], None] | None = None
+    show_progress: bool = True
+    group: object | None = None
+
+    def __post_init__(self) -> None:
+        from llmprune.runtime.layers import MemoryLayers
+
+        if self.config is None:
+            self.config = self.method.config()
+        if self.weights is None:
+            self.weights = MemoryLayers(self.layers, "layers")
+
+    def run(self, captured: CapturedCalls | None, hidden=None) -> list[LayerReport]:
+        """Prune every layer from the captured calibration calls (``None``: a data-free method).
+
+        hidden: the calibration hidden states (``llmprune.runtime.activations.HiddenStates``);
+            default: ``captured.hidden`` kept on the device. Consumed.
+        Returns the reports of the layers pruned by this call (from ``start`` on).
+        """
+        from llmprune.runtime.activations import HiddenStates
+
+        if hidden is None and captured is not None:
+            hidden = HiddenStates.from_tensors("device", captured.hidden, self.device)
+        reports = []
+        bar = tqdm(total=len(self.layers), desc=self.method.name, disable=not self.show_progress)
+        for index in range(len(self.layers)):
+            resumed = index < self.start
+            report = LayerReport(index)
+            with devices.explain_out_of_memory(f"pruning decoder layer {index}"):
+                layer = self._dense_streams(index, report, load=not resumed)
+                if resumed:
+                    layer = self._read_back(index, report, captured, hidden)
+                elif captured is None:
+                    self._solve_without_data(layer, index, report)
+                else:
+                    self._prune_from_data(layer, index, captured.calls[index], hidden, report)
+                for stream in self.streams:
+                    if not stream.dense:
+                        _propagate(layer, index, stream.calls[index], stream.hidden, f"pruned {stream.name}")
+                t0 = time.perf_counter()
+                self.weights.release(index, write=not resumed and self._is_main)
+                report.seconds["write"] = time.perf_counter() - t0
+            devices.empty_cache(self.device)
+            if not resumed:
+                reports.append(report)
+                if self.on_layer_done is not None:
+                    self.on_layer_done(index, report)
+                if report.output_rel_error is not None:
+                    bar.set_postfix(layer=index, err=f"{report.output_rel_error:.3g}")
+            bar.update()
+        bar.close()
+        return reports
+
+    @property
+    def _is_main(self) -> bool:
+        return self.group is None or self.group.is_main
+
+    @property
+    def _distributed(self) -> bool:
+        return self.group is not None and self.group.active
+
+    def _dense_streams(self, index: int, report: LayerReport, load: bool) -> nn.Module | None:
+        """Bring the dense layer in (for pruning, or for the dense streams) and run the dense streams."""
+        dense_streams = [s for s in self.streams if s.dense]
+        layer = None
+        t0 = time.perf_counter()
+        if load or dense_streams:
+            layer = self.weights.load(index, self.device)
+        report.seconds["load"] = time.perf_counter() - t0
+        for stream in dense_streams:
+            _propagate(layer, index, stream.calls[index], stream.hidden, f"dense {stream.name}")
+        return layer
+
+    def _read_back(self, index: int, report: LayerReport, captured, hidden) -> nn.Module | None:
+        """A layer an earlier run pruned: read it back and propagate, or only restore it."""
+        if captured is None and all(s.dense for s in self.streams):
+            self.weights.restore(index)  # nothing runs the pruned layer: no need to bring it in
+            return None
+        t0 = time.perf_counter()
+        layer = self.weights.load(index, self.device, pruned=True)
+        report.seconds["load"] += time.perf_counter() - t0
+        if captured is not None:
+            _propagate(layer, index, captured.calls[index], hidden, "calibration")
+        return layer
+
+    def _solve_without_data(self, layer: nn.Module, index: int, report: LayerReport) -> None:
+        t0 = time.perf_counter()
+        for matrix in prunable_matrices(layer, self.exclude):
+            report.matrices.append(self._solve_matrix(index, matrix, None))
+        report.seconds["solve"] = time.perf_counter() - t0
+
+    def _prune_from_data(self, layer, index: int, calls: list[LayerCall], hidden, report: LayerReport) -> None:
+        """Statistics pass(es), solve and propagation of one decoder layer."""
+        matrices = prunable_matrices(layer, self.exclude)
+        collector = StatisticsCollector(matrices, self.method.statistic)
+        dense_out = hidden.spare()
+        step = 0
+        while True:
+            collector.accumulate_only({step} if self.true_sequential else None)
+            t0 = time.perf_counter()
+            with collector, torch.no_grad():
+                for i, call in enumerate(calls):
+                    try:
+                        out = call.call(layer, hidden[i])
+                    except ValueError as error:  # a statistic refused NaN/Inf inputs; it names the module
+                        raise ValueError(f"layer {index}, calibration window {i}: {error}") from error
+                    collector.end_sample()
+                    if report.forward_passes == 0:
+                        dense_out[i] = out
+            report.forward_passes += 1
+            _add_seconds(report, "statistics", t0)
+            t0 = time.perf_counter()
+            self._solve_groups(collector, [step] if self.true_sequential else range(len(collector.groups)),
+                               matrices, index, report)
+            _add_seconds(report, "solve", t0)
+            step += 1
+            if not self.true_sequential or step >= len(collector.groups):
+                break
+        report.groups = [[m.name for m in g] for g in collector.groups]
+        solved = {m.name for m in report.matrices}  # with several ranks: also experts routed on other ranks only
+        report.left_dense = [name for name in collector.check_all_seen(index) if name not in solved]
+        self._propagate_pruned(layer, index, calls, hidden, dense_out, report)
+
+    def _solve_groups(self, collector, to_solve, matrices, index: int, report: LayerReport) -> None:
+        for members, stat in self._statistics_to_solve(collector, to_solve, matrices):
+            statistic = stat.value() if stat.n_samples else None
+            if statistic is not None and not bool(torch.isfinite(statistic).all()):
+                names = ", ".join(m.name for m in members)
+                raise ValueError(f"layer {index} {names}: the calibration statistic overflowed to Inf/NaN "
+                                 "(activations too large for fp32 sums)")
+            for matrix in members:
+                if statistic is None:
+                    continue  # routed no tokens on any rank: left dense (check_all_seen warns)
+                try:
+                    report.matrices.append(self._solve_matrix(index, matrix, statistic))
+                except (ValueError, RuntimeError) as error:
+                    raise type(error)(f"layer {index} {matrix.name}: {error}") from error
+            # The statistic (a [in, in] Hessian for SparseGPT) is freed here, before the next
+            # group's is built, so at most one lives at a time.
+            del statistic, stat
+
+    def _propagate_pruned(self, layer, index: int, calls, hidden, dense_out, report: LayerReport) -> None:
+        """Run the pruned layer: its outputs become the next layer's inputs; measure the error."""
+        t0 = time.perf_counter()
+        err_num = err_den = 0.0
+        with torch.no_grad():
+            for i, call in enumerate(calls):
+                out = call.call(layer, hidden[i])
+                if not torch.isfinite(out).all():
+                    raise ValueError(f"layer {index}: non-finite outputs after pruning (sample {i})")
+                dense = dense_out[i].float()
+                err_num += (out.float() - dense).pow(2).sum().item()
+                err_den += dense.pow(2).sum().item()
+                dense_out.clear(i)
+                hidden[i] = out
+        dense_out.close()
+        if self._distributed:
+            err_num, err_den = self.group.sum_floats([err_num, err_den])
+        report.forward_passes += 1
+        report.seconds["propagate"] = time.perf_counter() - t0
+        report.output_rel_error = (err_num / err_den) ** 0.5 if err_den > 0 else 0.0
+
+    def _solve_matrix(self, layer_index: int, matrix: PrunableMatrix, statistic) -> MatrixReport:
+        """Solve one matrix in place. With several ranks, rank 0 solves and broadcasts the weight."""
+        start = time.perf_counter()
+        weight = matrix.read_weight()
+        error = None
+        if self._is_main:
+            result = self.method.solve(weight, statistic, self.pattern, self.config)
+            matrix.write_weight(result.weight)
+            error = result.error
+        if self._distributed:
+            pruned = matrix.read_weight().contiguous()
+            self.group.broadcast_(pruned, src=0)
+            matrix.write_weight(pruned)
+            loss = torch.tensor([float("nan") if error is None else error], dtype=torch.float64)
+            self.group.broadcast_(loss, src=0)
+            error = None if loss.isnan().item() else loss.item()
+        zeros = (matrix.read_weight() == 0).sum().item()
+        return MatrixReport(
+            layer=layer_index,
+            name=matrix.name,
+            shape=(matrix.out_features, matrix.in_features),
+            sparsity=zeros / weight.numel(),
+            solve_seconds=time.perf_counter() - start,
+            loss=error,
+        )
+
+    def _statistics_to_solve(self, collector: StatisticsCollector, to_solve, matrices):
+        """Yield ``(matrices sharing a statistic, statistic)`` for the groups in ``to_solve``,
+        taking each from the collector so it can be freed after its solve.
+
+        With several ranks the statistics are first summed over ranks
+        (``ProcessGroup.reduce_statistics``), keyed by the group's matrix names: call order can
+        differ between ranks (a MoE expert routed tokens on one rank only), names cannot. Every
+        rank then walks the same sorted keys, so the broadcasts of the solved weights match.
+        """
+        # A group can lack a statistic: with true_sequential, an expert routed tokens in an
+        # earlier pass but none in its own; check_all_seen reports it.
+        to_solve = [g for g in to_solve if collector.has_statistic(g)]
+        if not self._distributed:
+            for g in to_solve:
+                yield collector.groups[g], collector.take_statistic(g)  # no reference kept here
+            return
+        by_name = {m.name: m for m in matrices}
+        keyed = {",".join(m.name for m in collector.groups[g]): collector.take_statistic(g) for g in to_solve}
+        device = next(iter(keyed.values())).device if keyed else torch.device("cpu")
+        merged = self.group.reduce_statistics(
+            keyed, lambda key: self.method.statistic(by_name[key.split(",")[0]].in_features, device)
+        )
+        for key in list(merged):
+            yield [by_name[name] for name in key.split(",")], merged.pop(key)
+
+
+def _add_seconds(report: LayerReport, phase: str, since: float) -> None:
+    report.seconds[phase] = report.seconds.get(phase, 0.0) + time.perf_counter() - since
+
+
+def _propagate(layer: nn.Module, index: int, calls: list[LayerCall], hidden, what: str) -> None:
+    """Replace ``hidden[i]`` by the layer's output for window i, checking it is finite."""
+    with torch.no_grad():
+        for i, call in enumerate(calls):
+            out = call.call(layer, hidden[i])
+            if not torch.isfinite(out).all():
+                raise ValueError(f"layer {index}: non-finite outputs ({what}, window {i})")
+            hidden[i] = out

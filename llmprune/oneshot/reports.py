@@ -1,0 +1,59 @@
+"""What the layer loop reports: one :class:`LayerReport` per decoder layer, one
+:class:`MatrixReport` per pruned matrix; both round-trip through JSON (``llmprune.json``,
+the work folder's ``progress.json``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class MatrixReport:
+    layer: int
+    name: str
+    shape: tuple[int, int]
+    sparsity: float
+    solve_seconds: float
+    loss: float | None
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MatrixReport:
+        return cls(**{**data, "shape": tuple(data["shape"])})
+
+
+@dataclass
+class LayerReport:
+    index: int
+    matrices: list[MatrixReport] = field(default_factory=list)
+    groups: list[list[str]] = field(default_factory=list)
+    output_rel_error: float | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    forward_passes: int = 0
+    left_dense: list[str] = field(default_factory=list)  # matrices that received no input (unrouted experts)
+
+    def to_dict(self) -> dict:
+        return {
+            "index": self.index,
+            "groups": self.groups,
+            "left_dense": self.left_dense,
+            "output_rel_error": self.output_rel_error,
+            "seconds": self.seconds,
+            "forward_passes": self.forward_passes,
+            "matrices": [m.to_dict() for m in self.matrices],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LayerReport:
+        """Read back :meth:`to_dict` (a resumed run's earlier layers)."""
+        return cls(
+            index=data["index"],
+            matrices=[MatrixReport.from_dict(m) for m in data["matrices"]],
+            groups=data["groups"],
+            output_rel_error=data["output_rel_error"],
+            seconds=data["seconds"],
+            forward_passes=data["forward_passes"],
+            left_dense=data.get("left_dense", []),
+        )
