@@ -2,9 +2,17 @@
 
 ``formats``   Packed24 / PackedBitmap, pack / unpack (the layout, which is also the checkpoint format)
 ``naive``     pure-torch matmuls: the test oracle's sibling and the CPU fallback
+``launch``    host-side launch helpers both Triton files share (interpreter, configs, split-K
+              workspace, wrapper body, arguments, grid); imports triton only where it must
+``tiles``     ``@triton.jit`` helpers both Triton files share (program ids, ``x^T`` tile, epilogue)
 ``sparse24``  Triton 2:4 matmul            (imported on first use: triton is Linux-only)
 ``bitmap``    Triton bitmap matmul         (imported on first use)
 ``dispatch``  ``sparse_matmul``: picks Triton or torch
+``linear``    ``SparseLinear`` and ``sparsify_model``: packed weights in a model
+
+Imports go one way (``a -> b``: a imports b): naive -> formats; launch -> naive, formats;
+sparse24, bitmap -> launch, tiles, formats; dispatch -> launch, naive, formats and, on the first
+Triton call, sparse24 / bitmap; linear -> dispatch, formats.
 """
 
 if __name__ != "llmprune.kernels":
@@ -16,18 +24,8 @@ if __name__ != "llmprune.kernels":
     __file__ = None
 else:
     from .dispatch import BACKENDS, sparse_matmul
-    from .formats import (
-        BITMAP_SLAB_K,
-        META_ALIGN_K,
-        Packed24,
-        PackedBitmap,
-        is_24,
-        pack_24,
-        pack_bitmap,
-        sparsity,
-        unpack_24,
-        unpack_bitmap,
-    )
+    from .formats import (BITMAP_SLAB_K, META_ALIGN_K, Packed24, PackedBitmap, is_24, pack_24, pack_bitmap,
+                          sparsity, unpack_24, unpack_bitmap)
     from .naive import bitmap_matmul_ref, sparse24_matmul_ref
 
     __all__ = [

@@ -19,57 +19,37 @@ Paths as in :mod:`.sparse24`: decode (``M <= 16``; split-K on slab boundaries, `
 on CUDA cores with a 2-D fp32 accumulator reduced once, ``BLOCK_M == 16`` on tensor cores with
 the weight tile as the M side), and tiled for larger M. fp32 accumulation and bias, output in
 ``x.dtype``, ``input_precision="ieee"`` for fp32.
+
+This file holds what is bitmap-specific: popcount, the tile load, the two kernels, their config
+shapes and the wrapper. What it shares with :mod:`.sparse24` lives in :mod:`.launch` (host side:
+configs, split-K workspace, arguments, grid and launch) and :mod:`.tiles` (``@triton.jit``:
+program ids, the ``x^T`` tile and its ``tl.dot``, the epilogue).
 """
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 from torch import Tensor
 
-from .dispatch import interpreter_enabled, is_interpreted, m_bucket, positional, run_packed_matmul, splitk_workspace
 from .formats import BITMAP_SLAB_K, PackedBitmap
-from .sparse24 import DECODE_MAX_M, _finish_split, _store_tile  # shared epilogue
+from .launch import (decode_autotune, is_interpreted, launch_matmul, run_packed_matmul,
+                     tiled_autotune)
+from .tiles import decode_program, dot_xt, finish_split, split_range, store_tile, tiled_program
 
 __all__ = ["bitmap_matmul"]
 
-
-def _decode_configs() -> list[triton.Config]:
-    if interpreter_enabled():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 1}, num_warps=4, num_stages=1)]
-    shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps); BLOCK_K divides BITMAP_SLAB_K
-        (1, 16, 256, 1, 4), (1, 32, 128, 1, 4), (1, 32, 256, 1, 8), (1, 64, 128, 1, 8),
-        (1, 16, 256, 4, 4), (1, 32, 128, 4, 4),
-        (16, 16, 256, 1, 4), (16, 32, 128, 1, 4), (16, 64, 128, 1, 4),
-        (16, 16, 256, 4, 4), (16, 32, 128, 4, 4), (16, 64, 64, 4, 4),
-    ]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=nw, num_stages=3)
-            for bm, bn, bk, sk, nw in shapes]
-
-
-def _prune_decode(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    m_key = {**named_args, **kwargs}["M_KEY"]
-    keep = [c for c in configs if m_key == 1 or c.kwargs["BLOCK_M"] != 1]
-    return keep or configs
-
-
-def _tiled_configs() -> list[triton.Config]:
-    if interpreter_enabled():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "GROUP_M": 4}, num_warps=4, num_stages=1)]
-    shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
-        (32, 128, 128, 4, 3), (64, 64, 128, 4, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3),
-        (128, 128, 64, 8, 3), (256, 128, 64, 8, 3),
-    ]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=nw, num_stages=ns)
-            for bm, bn, bk, nw, ns in shapes]
-
-
-def _prune_tiled(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    m_key = {**named_args, **kwargs}["M_KEY"]
-    keep = [c for c in configs if c.kwargs["BLOCK_M"] <= max(32, m_key)]
-    return keep or configs
+_DECODE_SHAPES = [  # (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps); BLOCK_K divides BITMAP_SLAB_K
+    (1, 16, 256, 1, 4), (1, 32, 128, 1, 4), (1, 32, 256, 1, 8), (1, 64, 128, 1, 8),
+    (1, 16, 256, 4, 4), (1, 32, 128, 4, 4),
+    (16, 16, 256, 1, 4), (16, 32, 128, 1, 4), (16, 64, 128, 1, 4),
+    (16, 16, 256, 4, 4), (16, 32, 128, 4, 4), (16, 64, 64, 4, 4),
+]
+_TILED_SHAPES = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+    (32, 128, 128, 4, 3), (64, 64, 128, 4, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3),
+    (128, 128, 64, 8, 3), (256, 128, 64, 8, 3),
+]
 
 
 @triton.jit
@@ -115,8 +95,22 @@ def _load_bitmap(bm_base, values_ptr, base, r, row_mask, k0, N_WORDS, stride_bm,
     return tl.reshape(w, (BLOCK_N, BLOCK_K)), base + tl.sum(count, axis=1)
 
 
-@triton.autotune(configs=_decode_configs(), key=["M_KEY", "N", "K"],
-                 prune_configs_by={"early_config_prune": _prune_decode})
+@triton.jit
+def _dot_bitmap(bm_base, values_ptr, base, r, row_mask, x_base, m, m_left, k_begin, k_end, K, N_WORDS, stride_bm,
+                stride_xm, PRECISION: tl.constexpr, HW_POPC: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Tensor-core main loop: fp32 ``acc [BLOCK_N, BLOCK_M]`` = weight rows @ ``x^T`` over columns
+    [k_begin, k_end), ``base`` as in :func:`_load_bitmap` at k_begin (``x_base``: the tile's first
+    row of x; rows ``m < m_left``)."""
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        w, base = _load_bitmap(bm_base, values_ptr, base, r, row_mask, k0, N_WORDS, stride_bm, BLOCK_N, BLOCK_K,
+                               HW_POPC)
+        acc = dot_xt(acc, w, x_base, m, m_left, k0, K, stride_xm, PRECISION, BLOCK_K)
+    return acc
+
+
+@decode_autotune(_DECODE_SHAPES)
 @triton.jit
 def _bitmap_decode_kernel(
     x_ptr, values_ptr, bitmap_ptr, offsets_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
@@ -126,18 +120,10 @@ def _bitmap_decode_kernel(
 ):
     """Grid (cdiv(N, BLOCK_N), splits). y [M <= BLOCK_M, N]; program (n, s) covers rows
     n*BLOCK_N.. and K slabs [s*T, (s+1)*T), T = cdiv(cdiv(K, SLAB), splits)."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    row0 = pid_n.to(tl.int64) * BLOCK_N
-    r = tl.arange(0, BLOCK_N)
-    n_left = N - row0
-    row_mask = r < n_left
+    pid_n, pid_k, row0, r, n_left, row_mask = decode_program(N, BLOCK_N)
     bm_base = bitmap_ptr + row0 * stride_bm
-    n_slabs = tl.cdiv(K, SLAB)
-    slabs = tl.cdiv(n_slabs, tl.num_programs(1))
-    k_begin = pid_k * slabs * SLAB
-    k_end = tl.minimum(k_begin + slabs * SLAB, K)
-    first_slab = tl.minimum(pid_k * slabs, n_slabs - 1)  # clamped: an empty split loads nothing it uses
+    k_begin, k_end, first_slab, n_slabs = split_range(pid_k, K, SLAB)
+    first_slab = tl.minimum(first_slab, n_slabs - 1)  # clamped: an empty split loads nothing it uses
     base = tl.load(offsets_ptr + row0 * stride_off + r * stride_off + first_slab, mask=row_mask, other=0)
     m = tl.arange(0, BLOCK_M)
     if BLOCK_M == 1:
@@ -150,20 +136,13 @@ def _bitmap_decode_kernel(
             acc2 += w.to(tl.float32) * xv.to(tl.float32)[None, :]
         acc = tl.sum(acc2, axis=1)[:, None]
     else:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for k0 in range(k_begin, k_end, BLOCK_K):
-            w, base = _load_bitmap(bm_base, values_ptr, base, r, row_mask, k0, N_WORDS, stride_bm, BLOCK_N, BLOCK_K,
-                                   HW_POPC)
-            kk = k0 + tl.arange(0, BLOCK_K)
-            xt = tl.load(x_ptr + m[None, :] * stride_xm + kk[:, None],
-                         mask=(m < M)[None, :] & (kk < K)[:, None], other=0.0)  # x^T [BLOCK_K, BLOCK_M]
-            acc = tl.dot(w, xt, acc, input_precision=PRECISION)
-    _finish_split(acc, y_ptr + row0, bias_ptr + row0, ws_ptr + row0, cnt_ptr + pid_n, r, m, n_left, M, N,
-                  HAS_BIAS, SPLIT_K)
+        acc = _dot_bitmap(bm_base, values_ptr, base, r, row_mask, x_ptr, m, M, k_begin, k_end, K, N_WORDS, stride_bm,
+                          stride_xm, PRECISION, HW_POPC, BLOCK_M, BLOCK_N, BLOCK_K)
+    finish_split(acc, y_ptr + row0, bias_ptr + row0, ws_ptr + row0, cnt_ptr + pid_n, r, m, n_left, M, N,
+                 HAS_BIAS, SPLIT_K)
 
 
-@triton.autotune(configs=_tiled_configs(), key=["M_KEY", "N", "K"],
-                 prune_configs_by={"early_config_prune": _prune_tiled})
+@tiled_autotune(_TILED_SHAPES)
 @triton.jit
 def _bitmap_tiled_kernel(
     x_ptr, values_ptr, bitmap_ptr, offsets_ptr, bias_ptr, y_ptr,
@@ -172,33 +151,27 @@ def _bitmap_tiled_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Grid (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),), grouped launch order as in sparse24."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    in_group = GROUP_M * num_pid_n
-    first_m = pid // in_group * GROUP_M
-    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % group_m
-    pid_n = (pid % in_group) // group_m
-    row0 = pid_n.to(tl.int64) * BLOCK_N
-    m0 = pid_m.to(tl.int64) * BLOCK_M
-    r = tl.arange(0, BLOCK_N)
-    m = tl.arange(0, BLOCK_M)
-    n_left = N - row0
-    m_left = M - m0
-    row_mask = r < n_left
+    row0, m0, r, m, n_left, m_left, row_mask = tiled_program(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     bm_base = bitmap_ptr + row0 * stride_bm
     base = tl.load(offsets_ptr + row0 * stride_off + r * stride_off, mask=row_mask, other=0)
     x_base = x_ptr + m0 * stride_xm
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        w, base = _load_bitmap(bm_base, values_ptr, base, r, row_mask, k0, N_WORDS, stride_bm, BLOCK_N, BLOCK_K,
-                                   HW_POPC)
-        kk = k0 + tl.arange(0, BLOCK_K)
-        xt = tl.load(x_base + m[None, :] * stride_xm + kk[:, None],
-                     mask=(m < m_left)[None, :] & (kk < K)[:, None], other=0.0)  # x^T [BLOCK_K, BLOCK_M]
-        acc = tl.dot(w, xt, acc, input_precision=PRECISION)
-    _store_tile(acc, y_ptr + m0 * N + row0, bias_ptr + row0, r, m, n_left, m_left, N, HAS_BIAS)
+    acc = _dot_bitmap(bm_base, values_ptr, base, r, row_mask, x_base, m, m_left, 0, K, K, N_WORDS, stride_bm,
+                      stride_xm, PRECISION, HW_POPC, BLOCK_M, BLOCK_N, BLOCK_K)
+    store_tile(acc, y_ptr + m0 * N + row0, bias_ptr + row0, r, m, n_left, m_left, N, HAS_BIAS)
+
+
+def _launch(x2: Tensor, p: PackedBitmap, bias: Tensor | None, y: Tensor, config: dict | None = None) -> None:
+    """:func:`.launch.launch_matmul` with the bitmap kernels and ``p``'s arguments, K split on slab
+    boundaries: ``y [M, N]`` from ``x2 [M, K]``. ``config`` (tests, benchmarks): explicit
+    meta-parameters instead of autotuning (in decode, ``BLOCK_K`` must divide the slab width)."""
+    # An all-zero weight has no values; Triton rejects a null pointer even if never read.
+    values = p.values if p.nnz else p.values.new_zeros(1)
+    weight_args = dict(
+        values_ptr=values, bitmap_ptr=p.bitmap, offsets_ptr=p.offsets, stride_bm=p.bitmap.stride(0),
+        stride_off=p.offsets.stride(0), N_WORDS=p.bitmap.shape[1],
+        HW_POPC=not is_interpreted(_bitmap_decode_kernel),  # the interpreter cannot call libdevice
+    )
+    launch_matmul((_bitmap_decode_kernel, _bitmap_tiled_kernel), x2, bias, y, weight_args, config, slab=BITMAP_SLAB_K)
 
 
 def bitmap_matmul(x: Tensor, p: PackedBitmap, bias: Tensor | None = None) -> Tensor:
@@ -207,48 +180,4 @@ def bitmap_matmul(x: Tensor, p: PackedBitmap, bias: Tensor | None = None) -> Ten
     ``x``: fp16/bf16/fp32, the weight's dtype, on its device (CUDA, or CPU under
     ``TRITON_INTERPRET=1``); any strides. ``bias``: ``[N]``, any float dtype, added in fp32.
     """
-    if not isinstance(p, PackedBitmap):
-        raise TypeError(f"bitmap_matmul: weight must be a PackedBitmap, got {type(p).__name__}")
-    return run_packed_matmul(x, p, bias, "bitmap_matmul", _bitmap_decode_kernel, _launch)
-
-
-def _launch(x2: Tensor, p: PackedBitmap, bias: Tensor | None, y: Tensor, config: dict | None = None) -> None:
-    """Run the decode (M <= 16) or tiled kernel into ``y [M, N]``. ``config`` (tests, benchmarks):
-    explicit meta-parameters, plus optional ``num_warps`` / ``num_stages``, instead of autotuning."""
-    if x2.stride(1) != 1:
-        x2 = x2.contiguous()
-    m_rows, k = x2.shape
-    n = p.shape[0]
-    # An all-zero weight has no values; Triton rejects a null pointer even if never read.
-    values = p.values if p.nnz else p.values.new_zeros(1)
-    args = dict(
-        x_ptr=x2, values_ptr=values, bitmap_ptr=p.bitmap, offsets_ptr=p.offsets,
-        bias_ptr=y if bias is None else bias, y_ptr=y,
-        M=m_rows, N=n, K=k, M_KEY=m_bucket(m_rows), stride_xm=x2.stride(0) if m_rows > 1 else k,
-        stride_bm=p.bitmap.stride(0), stride_off=p.offsets.stride(0), N_WORDS=p.bitmap.shape[1],
-        HAS_BIAS=bias is not None, PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
-        HW_POPC=not is_interpreted(_bitmap_decode_kernel),  # the interpreter cannot call libdevice
-    )
-    if m_rows <= DECODE_MAX_M:
-        kernel = _bitmap_decode_kernel
-        args["M_KEY"] = 1 if m_rows == 1 else DECODE_MAX_M  # the dot path pads M to 16: one tuning
-        args["ws_ptr"], args["cnt_ptr"] = splitk_workspace(y.device, DECODE_MAX_M * n, triton.cdiv(n, 16))
-        args["SLAB"] = BITMAP_SLAB_K
-
-        def grid(meta):
-            return (triton.cdiv(n, meta["BLOCK_N"]), min(meta["SPLIT_K"], triton.cdiv(k, BITMAP_SLAB_K)))
-    else:
-        kernel = _bitmap_tiled_kernel
-
-        def grid(meta):
-            return (triton.cdiv(m_rows, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-    if config is None:
-        kernel[grid](*positional(kernel, args))
-        return
-    config = dict(config)
-    launch = {key: config.pop(key) for key in ("num_warps", "num_stages") if key in config}
-    if m_rows <= DECODE_MAX_M and config.get("BLOCK_M", 16) < m_rows:
-        raise ValueError(f"config BLOCK_M={config['BLOCK_M']} cannot cover M={m_rows}")
-    if m_rows <= DECODE_MAX_M and BITMAP_SLAB_K % config["BLOCK_K"]:
-        raise ValueError(f"config BLOCK_K={config['BLOCK_K']} must divide the slab width {BITMAP_SLAB_K}")
-    kernel.fn[grid](**args, **config, **launch)
+    return run_packed_matmul(x, p, bias, "bitmap_matmul", PackedBitmap, _bitmap_decode_kernel, _launch)

@@ -45,7 +45,7 @@ PackedBitmap (unstructured; any K)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import ClassVar, Mapping, TypeVar
 
 import torch
 from torch import Tensor
@@ -75,18 +75,19 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
 
 
-def _cdiv(a: int, b: int) -> int:
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for positive ints."""
     return -(-a // b)
 
 
 def _meta24_cols(k: int) -> int:
     """Bytes per row of 2:4 metadata for K columns (K/8 rounded up to 16 bytes)."""
-    return _cdiv(k, META_ALIGN_K) * (META_ALIGN_K // 8)
+    return cdiv(k, META_ALIGN_K) * (META_ALIGN_K // 8)
 
 
 def _bitmap_words(k: int) -> int:
     """int32 words per bitmap row for K columns (K rounded up to 128 bits)."""
-    return _cdiv(k, META_ALIGN_K) * (META_ALIGN_K // 32)
+    return cdiv(k, META_ALIGN_K) * (META_ALIGN_K // 32)
 
 
 def _check_weight(weight: Tensor, who: str) -> None:
@@ -131,26 +132,15 @@ def _same_device(tensors: dict[str, Tensor], who: str) -> None:
         raise UsageError(f"{who}: all tensors must be on one device, got {devices}")
 
 
-# ---------------------------------------------------------------------------------------------
-# 2:4
+_P = TypeVar("_P", bound="_Packed")
 
 
-@dataclass(frozen=True, eq=False)
-class Packed24:
-    """A 2:4-sparse weight ``[N, K]`` as ``values [N, K//2]`` + ``meta`` (layout: module doc)."""
+class _Packed:
+    """What both formats share: the tensors named in ``_FIELDS`` (``values`` first) and ``shape``."""
 
+    _FIELDS: ClassVar[tuple[str, ...]]
     values: Tensor
-    meta: Tensor
     shape: tuple[int, int]
-
-    def __post_init__(self) -> None:
-        n, k = _check_shape(self.shape, "Packed24")
-        if k % 4:
-            raise UsageError(f"Packed24: K must be a multiple of 4, got shape {self.shape}")
-        _expect(self.values, "values", (n, k // 2), _DTYPES, "Packed24")
-        _expect(self.meta, "meta", (n, _meta24_cols(k)), (torch.uint8,), "Packed24")
-        _same_device({"values": self.values, "meta": self.meta}, "Packed24")
-        object.__setattr__(self, "shape", (n, k))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -160,17 +150,41 @@ class Packed24:
     def device(self) -> torch.device:
         return self.values.device
 
-    def to(self, device: torch.device | str) -> Packed24:
+    def to(self: _P, device: torch.device | str) -> _P:
         """A copy on ``device`` (same dtype)."""
-        return Packed24(self.values.to(device), self.meta.to(device), self.shape)
+        return type(self)(**{name: t.to(device) for name, t in self.to_tensors().items()}, shape=self.shape)
 
     def nbytes(self) -> int:
-        """Bytes a matmul reads for the weight: values + metadata."""
-        return self.values.nbytes + self.meta.nbytes
+        """Bytes a matmul reads for the weight: its values plus metadata (every tensor of :meth:`to_tensors`)."""
+        return sum(t.nbytes for t in self.to_tensors().values())
 
     def to_tensors(self) -> dict[str, Tensor]:
         """Plain tensors for a checkpoint; store ``shape`` beside them."""
-        return {"values": self.values, "meta": self.meta}
+        return {name: getattr(self, name) for name in self._FIELDS}
+
+
+# ---------------------------------------------------------------------------------------------
+# 2:4
+
+
+@dataclass(frozen=True, eq=False)
+class Packed24(_Packed):
+    """A 2:4-sparse weight ``[N, K]`` as ``values [N, K//2]`` + ``meta`` (layout: module doc)."""
+
+    values: Tensor
+    meta: Tensor
+    shape: tuple[int, int]
+
+    _FIELDS: ClassVar[tuple[str, ...]] = ("values", "meta")
+
+    def __post_init__(self) -> None:
+        n, k = _check_shape(self.shape, "Packed24")
+        if k % 4:
+            raise UsageError(f"Packed24: K must be a multiple of 4, got shape {self.shape}")
+        _expect(self.values, "values", (n, k // 2), _DTYPES, "Packed24")
+        _expect(self.meta, "meta", (n, _meta24_cols(k)), (torch.uint8,), "Packed24")
+        _same_device(self.to_tensors(), "Packed24")
+        object.__setattr__(self, "shape", (n, k))
 
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, Tensor], shape: tuple[int, int]) -> Packed24:
@@ -180,7 +194,7 @@ class Packed24:
         (this reads the metadata once).
         """
         who = "Packed24.from_tensors"
-        _check_keys(tensors, ("values", "meta"), who)
+        _check_keys(tensors, cls._FIELDS, who)
         n, k = _check_shape(shape, who)
         if k % 4:
             raise UsageError(f"{who}: K must be a multiple of 4, got shape {tuple(shape)}")
@@ -273,7 +287,7 @@ def unpack_24(p: Packed24) -> Tensor:
 
 
 @dataclass(frozen=True, eq=False)
-class PackedBitmap:
+class PackedBitmap(_Packed):
     """An unstructured-sparse weight ``[N, K]`` as bitmap + kept values + per-slab offsets."""
 
     values: Tensor
@@ -281,39 +295,21 @@ class PackedBitmap:
     offsets: Tensor
     shape: tuple[int, int]
 
+    _FIELDS: ClassVar[tuple[str, ...]] = ("values", "bitmap", "offsets")
+
     def __post_init__(self) -> None:
         n, k = _check_shape(self.shape, "PackedBitmap")
         if not isinstance(self.values, Tensor) or self.values.dim() != 1:
             raise UsageError("PackedBitmap: values must be a 1-D tensor [nnz]")
         _expect(self.values, "values", (self.values.shape[0],), _DTYPES, "PackedBitmap")
         _expect(self.bitmap, "bitmap", (n, _bitmap_words(k)), (torch.int32,), "PackedBitmap")
-        _expect(self.offsets, "offsets", (n, _cdiv(k, BITMAP_SLAB_K)), (torch.int32,), "PackedBitmap")
-        _same_device({"values": self.values, "bitmap": self.bitmap, "offsets": self.offsets}, "PackedBitmap")
+        _expect(self.offsets, "offsets", (n, cdiv(k, BITMAP_SLAB_K)), (torch.int32,), "PackedBitmap")
+        _same_device(self.to_tensors(), "PackedBitmap")
         object.__setattr__(self, "shape", (n, k))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.values.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.values.device
 
     @property
     def nnz(self) -> int:
         return self.values.shape[0]
-
-    def to(self, device: torch.device | str) -> PackedBitmap:
-        """A copy on ``device`` (same dtype)."""
-        return PackedBitmap(self.values.to(device), self.bitmap.to(device), self.offsets.to(device), self.shape)
-
-    def nbytes(self) -> int:
-        """Bytes a matmul reads for the weight: values + bitmap + offsets."""
-        return self.values.nbytes + self.bitmap.nbytes + self.offsets.nbytes
-
-    def to_tensors(self) -> dict[str, Tensor]:
-        """Plain tensors for a checkpoint; store ``shape`` beside them."""
-        return {"values": self.values, "bitmap": self.bitmap, "offsets": self.offsets}
 
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, Tensor], shape: tuple[int, int]) -> PackedBitmap:
@@ -324,14 +320,14 @@ class PackedBitmap:
         kernels trust them for addressing, so a bad file must not reach them.
         """
         who = "PackedBitmap.from_tensors"
-        _check_keys(tensors, ("values", "bitmap", "offsets"), who)
+        _check_keys(tensors, cls._FIELDS, who)
         n, k = _check_shape(shape, who)
         values, bitmap, offsets = tensors["values"], tensors["bitmap"], tensors["offsets"]
         if not isinstance(values, Tensor) or values.dim() != 1:
             raise UsageError(f"{who}: values must be a 1-D tensor [nnz]")
         _expect(values, "values", (values.shape[0],), _DTYPES, who)
         _expect(bitmap, "bitmap", (n, _bitmap_words(k)), (torch.int32,), who)
-        _expect(offsets, "offsets", (n, _cdiv(k, BITMAP_SLAB_K)), (torch.int32,), who)
+        _expect(offsets, "offsets", (n, cdiv(k, BITMAP_SLAB_K)), (torch.int32,), who)
         _same_device(dict(tensors), who)
         mask = _bitmap_mask(bitmap)  # [N, Kp]
         if mask[:, k:].any():
@@ -357,7 +353,7 @@ def _bitmap_mask(bitmap: Tensor) -> Tensor:
 def _slab_offsets(mask: Tensor) -> Tensor:
     """Keep mask ``[N, K]`` -> int64 ``[N, ceil(K/512)]``: row-major index of each slab's first value."""
     n, k = mask.shape
-    slabs = _cdiv(k, BITMAP_SLAB_K)
+    slabs = cdiv(k, BITMAP_SLAB_K)
     padded = torch.zeros(n, slabs * BITMAP_SLAB_K, dtype=torch.int64, device=mask.device)
     padded[:, :k] = mask
     counts = padded.reshape(-1, BITMAP_SLAB_K).sum(-1)  # [N * slabs], row-major

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from .dispatch import sparse_matmul
+from .dispatch import BACKENDS, sparse_matmul
 from .formats import Packed24, PackedBitmap, is_24, pack_24, pack_bitmap, sparsity, unpack_24, unpack_bitmap
 
 logger = logging.getLogger(__name__)
@@ -28,7 +28,6 @@ Format = Literal["2:4", "bitmap"]
 Backend = Literal["auto", "triton", "torch"]
 
 _FORMATS: dict[str, type] = {"2:4": Packed24, "bitmap": PackedBitmap}
-_BACKENDS = ("auto", "triton", "torch")
 
 # Bitmap threshold (sparsity = fraction of zeros). A bitmap weight costs 16 * density bits of
 # fp16/bf16 values + 1 mask bit + 1/16 bit of slab offsets per weight, i.e. the mask alone is
@@ -49,8 +48,8 @@ def _format_of(packed: Packed24 | PackedBitmap) -> str:
 
 
 def _check_backend(backend: str) -> str:
-    if backend not in _BACKENDS:
-        raise UsageError(f"unknown backend {backend!r}: expected one of {', '.join(_BACKENDS)}")
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     return backend
 
 

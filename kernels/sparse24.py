@@ -22,65 +22,36 @@ they need in registers. Two paths:
 
 Accumulation is fp32, the bias is added in fp32, the output has ``x.dtype``. fp32 inputs use
 ``input_precision="ieee"`` (not TF32; correct but slow: fp32 is not a speed target).
+
+This file holds what is 2:4-specific: the tile load and densify, the two kernels, their config
+shapes and the wrapper. What :mod:`.bitmap` shares with it lives in :mod:`.launch` (host side:
+configs, split-K workspace, arguments, grid and launch) and :mod:`.tiles` (``@triton.jit``:
+program ids, the ``x^T`` tile and its ``tl.dot``, the epilogue).
 """
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .dispatch import interpreter_enabled, m_bucket, positional, run_packed_matmul, splitk_workspace
 from .formats import Packed24
+from .launch import (DECODE_MAX_M, decode_autotune, launch_matmul, run_packed_matmul,
+                     tiled_autotune)
+from .tiles import decode_program, dot_xt, finish_split, split_range, store_tile, tiled_program
 
 __all__ = ["DECODE_MAX_M", "sparse24_matmul"]
 
-DECODE_MAX_M = 16
-"""Rows of x up to which the decode (split-K, bandwidth-bound) kernel is used."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Autotuning configs. Under the interpreter: one config per kernel (tests launch other configs
-# explicitly through ``_launch(..., config=...)``).
-
-
-def _decode_configs() -> list[triton.Config]:
-    if interpreter_enabled():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 1}, num_warps=4, num_stages=1)]
-    shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps)
-        (1, 16, 256, 1, 4), (1, 32, 256, 1, 4), (1, 16, 512, 1, 4), (1, 64, 256, 1, 8),
-        (1, 16, 256, 4, 4), (1, 32, 256, 4, 4),
-        (16, 16, 256, 1, 4), (16, 32, 256, 1, 4), (16, 64, 128, 1, 4),
-        (16, 16, 256, 4, 4), (16, 32, 128, 4, 4), (16, 64, 128, 4, 4),
-    ]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=nw, num_stages=3)
-            for bm, bn, bk, sk, nw in shapes]
-
-
-def _prune_decode(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    # The CUDA-core path handles exactly one row of x.
-    m_key = {**named_args, **kwargs}["M_KEY"]
-    keep = [c for c in configs if m_key == 1 or c.kwargs["BLOCK_M"] != 1]
-    return keep or configs
-
-
-def _tiled_configs() -> list[triton.Config]:
-    if interpreter_enabled():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "GROUP_M": 4}, num_warps=4, num_stages=1)]
-    shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_N is the wgmma M side
-        (32, 128, 128, 4, 4), (64, 64, 128, 4, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
-        (128, 128, 64, 8, 3), (256, 128, 64, 8, 3),
-    ]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=nw, num_stages=ns)
-            for bm, bn, bk, nw, ns in shapes]
-
-
-def _prune_tiled(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    # An M tile much taller than M only multiplies zeros.
-    m_key = {**named_args, **kwargs}["M_KEY"]
-    keep = [c for c in configs if c.kwargs["BLOCK_M"] <= max(32, m_key)]
-    return keep or configs
+_DECODE_SHAPES = [  # (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps)
+    (1, 16, 256, 1, 4), (1, 32, 256, 1, 4), (1, 16, 512, 1, 4), (1, 64, 256, 1, 8),
+    (1, 16, 256, 4, 4), (1, 32, 256, 4, 4),
+    (16, 16, 256, 1, 4), (16, 32, 256, 1, 4), (16, 64, 128, 1, 4),
+    (16, 16, 256, 4, 4), (16, 32, 128, 4, 4), (16, 64, 128, 4, 4),
+]
+_TILED_SHAPES = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_N is the wgmma M side
+    (32, 128, 128, 4, 4), (64, 64, 128, 4, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+    (128, 128, 64, 8, 3), (256, 128, 64, 8, 3),
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,41 +89,24 @@ def _densify_24(v, pos, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _store_tile(acc, y_base, bias_base, r, m, n_left, m_left, N, HAS_BIAS: tl.constexpr):
-    """acc [BLOCK_N, BLOCK_M] fp32 (weight rows x rows of x) -> y (+ bias in fp32)."""
-    if HAS_BIAS:
-        acc += tl.load(bias_base + r, mask=r < n_left, other=0.0).to(tl.float32)[:, None]
-    mask = (r < n_left)[:, None] & (m < m_left)[None, :]
-    tl.store(y_base + m[None, :] * N + r[:, None], acc.to(y_base.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _finish_split(acc, y_base, bias_base, ws_base, cnt_ptr, r, m, n_left, m_left, N,
-                  HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
-    """Store acc directly, or (split-K) add it to the workspace; the tile's last program stores."""
-    if SPLIT_K == 1:
-        _store_tile(acc, y_base, bias_base, r, m, n_left, m_left, N, HAS_BIAS)
-    else:
-        mask = (r < n_left)[:, None] & (m < m_left)[None, :]
-        ws = ws_base + m[None, :] * N + r[:, None]
-        tl.atomic_add(ws, acc, mask=mask)  # acq_rel, gpu scope: done in L2
-        tl.debug_barrier()  # every thread's partial is in before the counter moves
-        arrived = tl.atomic_add(cnt_ptr, 1)
-        if arrived == tl.num_programs(1) - 1:
-            # Read the sum and leave zeros in one L2 atomic (as int32 bits: exchange is bitwise).
-            ws_bits = ws.to(tl.pointer_type(tl.int32), bitcast=True)
-            total = tl.atomic_xchg(ws_bits, tl.zeros_like(acc).to(tl.int32), mask=mask).to(tl.float32, bitcast=True)
-            total = tl.where(mask, total, 0.0)  # masked lanes of an atomic are undefined
-            tl.atomic_xchg(cnt_ptr, 0)
-            _store_tile(total, y_base, bias_base, r, m, n_left, m_left, N, HAS_BIAS)
+def _dot_24(v_base, meta_base, r, row_mask, x_base, m, m_left, k_begin, k_end, K, META_COLS, stride_v, stride_meta,
+            stride_xm, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Tensor-core main loop: fp32 ``acc [BLOCK_N, BLOCK_M]`` = densified weight rows @ ``x^T`` over
+    columns [k_begin, k_end) (``x_base``: the tile's first row of x; rows ``m < m_left``)."""
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        v, pos = _load_24(v_base, meta_base, r, row_mask, k0 // 2, K // 2, META_COLS, stride_v, stride_meta,
+                          BLOCK_N, BLOCK_K)
+        w = _densify_24(v, pos, BLOCK_N, BLOCK_K)
+        acc = dot_xt(acc, w, x_base, m, m_left, k0, K, stride_xm, PRECISION, BLOCK_K)
+    return acc
 
 
 # ---------------------------------------------------------------------------------------------
 # Kernels
 
 
-@triton.autotune(configs=_decode_configs(), key=["M_KEY", "N", "K"],
-                 prune_configs_by={"early_config_prune": _prune_decode})
+@decode_autotune(_DECODE_SHAPES)
 @triton.jit
 def _sparse24_decode_kernel(
     x_ptr, values_ptr, meta_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
@@ -162,17 +116,10 @@ def _sparse24_decode_kernel(
 ):
     """Grid (cdiv(N, BLOCK_N), splits). y [M <= BLOCK_M, N]; program (n, s) covers rows
     n*BLOCK_N.. and K tiles [s*T, (s+1)*T), T = cdiv(cdiv(K, BLOCK_K), splits)."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    row0 = pid_n.to(tl.int64) * BLOCK_N
-    r = tl.arange(0, BLOCK_N)
-    n_left = N - row0
-    row_mask = r < n_left
+    pid_n, pid_k, row0, r, n_left, row_mask = decode_program(N, BLOCK_N)
     v_base = values_ptr + row0 * stride_v
     meta_base = meta_ptr + row0 * stride_meta
-    tiles = tl.cdiv(tl.cdiv(K, BLOCK_K), tl.num_programs(1))
-    k_begin = pid_k * tiles * BLOCK_K
-    k_end = tl.minimum(k_begin + tiles * BLOCK_K, K)
+    k_begin, k_end, _, _ = split_range(pid_k, K, BLOCK_K)
     m = tl.arange(0, BLOCK_M)
     if BLOCK_M == 1:
         # CUDA cores, no densification: acc2 += v * x[col(v)], reduced once at the end.
@@ -186,21 +133,13 @@ def _sparse24_decode_kernel(
             acc2 += v.to(tl.float32) * xg.to(tl.float32)
         acc = tl.sum(acc2, axis=1)[:, None]
     else:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for k0 in range(k_begin, k_end, BLOCK_K):
-            v, pos = _load_24(v_base, meta_base, r, row_mask, k0 // 2, K // 2, META_COLS, stride_v, stride_meta,
-                              BLOCK_N, BLOCK_K)
-            w = _densify_24(v, pos, BLOCK_N, BLOCK_K)
-            kk = k0 + tl.arange(0, BLOCK_K)
-            xt = tl.load(x_ptr + m[None, :] * stride_xm + kk[:, None],
-                         mask=(m < M)[None, :] & (kk < K)[:, None], other=0.0)  # x^T [BLOCK_K, BLOCK_M]
-            acc = tl.dot(w, xt, acc, input_precision=PRECISION)
-    _finish_split(acc, y_ptr + row0, bias_ptr + row0, ws_ptr + row0, cnt_ptr + pid_n, r, m, n_left, M, N,
-                  HAS_BIAS, SPLIT_K)
+        acc = _dot_24(v_base, meta_base, r, row_mask, x_ptr, m, M, k_begin, k_end, K, META_COLS, stride_v, stride_meta,
+                      stride_xm, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    finish_split(acc, y_ptr + row0, bias_ptr + row0, ws_ptr + row0, cnt_ptr + pid_n, r, m, n_left, M, N,
+                 HAS_BIAS, SPLIT_K)
 
 
-@triton.autotune(configs=_tiled_configs(), key=["M_KEY", "N", "K"],
-                 prune_configs_by={"early_config_prune": _prune_tiled})
+@tiled_autotune(_TILED_SHAPES)
 @triton.jit
 def _sparse24_tiled_kernel(
     x_ptr, values_ptr, meta_ptr, bias_ptr, y_ptr,
@@ -210,38 +149,25 @@ def _sparse24_tiled_kernel(
 ):
     """Grid (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),). Program -> (pid_m, pid_n) in groups of
     GROUP_M M-tiles so that consecutive programs share weight tiles in L2."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    in_group = GROUP_M * num_pid_n
-    first_m = pid // in_group * GROUP_M
-    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % group_m
-    pid_n = (pid % in_group) // group_m
-    row0 = pid_n.to(tl.int64) * BLOCK_N
-    m0 = pid_m.to(tl.int64) * BLOCK_M
-    r = tl.arange(0, BLOCK_N)
-    m = tl.arange(0, BLOCK_M)
-    n_left = N - row0
-    m_left = M - m0
-    row_mask = r < n_left
+    row0, m0, r, m, n_left, m_left, row_mask = tiled_program(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     v_base = values_ptr + row0 * stride_v
     meta_base = meta_ptr + row0 * stride_meta
     x_base = x_ptr + m0 * stride_xm
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        v, pos = _load_24(v_base, meta_base, r, row_mask, k0 // 2, K // 2, META_COLS, stride_v, stride_meta,
-                          BLOCK_N, BLOCK_K)
-        w = _densify_24(v, pos, BLOCK_N, BLOCK_K)
-        kk = k0 + tl.arange(0, BLOCK_K)
-        xt = tl.load(x_base + m[None, :] * stride_xm + kk[:, None],
-                     mask=(m < m_left)[None, :] & (kk < K)[:, None], other=0.0)  # x^T [BLOCK_K, BLOCK_M]
-        acc = tl.dot(w, xt, acc, input_precision=PRECISION)
-    _store_tile(acc, y_ptr + m0 * N + row0, bias_ptr + row0, r, m, n_left, m_left, N, HAS_BIAS)
+    acc = _dot_24(v_base, meta_base, r, row_mask, x_base, m, m_left, 0, K, K, META_COLS, stride_v, stride_meta,
+                  stride_xm, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    store_tile(acc, y_ptr + m0 * N + row0, bias_ptr + row0, r, m, n_left, m_left, N, HAS_BIAS)
 
 
 # ---------------------------------------------------------------------------------------------
 # Wrapper
+
+
+def _launch(x2: Tensor, p: Packed24, bias: Tensor | None, y: Tensor, config: dict | None = None) -> None:
+    """:func:`.launch.launch_matmul` with the 2:4 kernels and ``p``'s arguments: ``y [M, N]`` from
+    ``x2 [M, K]``. ``config`` (tests, benchmarks): explicit meta-parameters instead of autotuning."""
+    weight_args = dict(values_ptr=p.values, meta_ptr=p.meta, stride_v=p.values.stride(0),
+                       stride_meta=p.meta.stride(0), META_COLS=p.meta.shape[1])
+    launch_matmul((_sparse24_decode_kernel, _sparse24_tiled_kernel), x2, bias, y, weight_args, config)
 
 
 def sparse24_matmul(x: Tensor, p: Packed24, bias: Tensor | None = None) -> Tensor:
@@ -250,41 +176,4 @@ def sparse24_matmul(x: Tensor, p: Packed24, bias: Tensor | None = None) -> Tenso
     ``x``: fp16/bf16/fp32, the weight's dtype, on its device (CUDA, or CPU under
     ``TRITON_INTERPRET=1``); any strides. ``bias``: ``[N]``, any float dtype, added in fp32.
     """
-    if not isinstance(p, Packed24):
-        raise TypeError(f"sparse24_matmul: weight must be a Packed24, got {type(p).__name__}")
-    return run_packed_matmul(x, p, bias, "sparse24_matmul", _sparse24_decode_kernel, _launch)
-
-
-def _launch(x2: Tensor, p: Packed24, bias: Tensor | None, y: Tensor, config: dict | None = None) -> None:
-    """Run the decode (M <= 16) or tiled kernel into ``y [M, N]``. ``config`` (tests, benchmarks):
-    explicit meta-parameters, plus optional ``num_warps`` / ``num_stages``, instead of autotuning."""
-    if x2.stride(1) != 1:
-        x2 = x2.contiguous()
-    m_rows, k = x2.shape
-    n = p.shape[0]
-    args = dict(
-        x_ptr=x2, values_ptr=p.values, meta_ptr=p.meta, bias_ptr=y if bias is None else bias, y_ptr=y,
-        M=m_rows, N=n, K=k, M_KEY=m_bucket(m_rows), stride_xm=x2.stride(0) if m_rows > 1 else k,
-        stride_v=p.values.stride(0), stride_meta=p.meta.stride(0), META_COLS=p.meta.shape[1],
-        HAS_BIAS=bias is not None, PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
-    )
-    if m_rows <= DECODE_MAX_M:
-        kernel = _sparse24_decode_kernel
-        args["M_KEY"] = 1 if m_rows == 1 else DECODE_MAX_M  # the dot path pads M to 16: one tuning
-        args["ws_ptr"], args["cnt_ptr"] = splitk_workspace(y.device, DECODE_MAX_M * n, triton.cdiv(n, 16))
-
-        def grid(meta):
-            return (triton.cdiv(n, meta["BLOCK_N"]), min(meta["SPLIT_K"], triton.cdiv(k, meta["BLOCK_K"])))
-    else:
-        kernel = _sparse24_tiled_kernel
-
-        def grid(meta):
-            return (triton.cdiv(m_rows, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-    if config is None:
-        kernel[grid](*positional(kernel, args))
-        return
-    config = dict(config)
-    launch = {key: config.pop(key) for key in ("num_warps", "num_stages") if key in config}
-    if m_rows <= DECODE_MAX_M and config.get("BLOCK_M", 16) < m_rows:
-        raise ValueError(f"config BLOCK_M={config['BLOCK_M']} cannot cover M={m_rows}")
-    kernel.fn[grid](**args, **config, **launch)
+    return run_packed_matmul(x, p, bias, "sparse24_matmul", Packed24, _sparse24_decode_kernel, _launch)

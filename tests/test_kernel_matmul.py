@@ -42,27 +42,29 @@ def _import_kernels():
     if not CUDA:
         os.environ["TRITON_INTERPRET"] = "1"
     pytest.importorskip("triton")
-    from llmprune.kernels import bitmap, dispatch, sparse24
+    from llmprune.kernels import bitmap, launch, sparse24, tiles
     if not CUDA:
         from triton.language import standard
-        if not dispatch.is_interpreted(standard.cdiv):
+        if not launch.is_interpreted(standard.cdiv):
             raise RuntimeError("triton was imported before TRITON_INTERPRET=1 could be set, so its library "
                                "is compiled-only; run tests/test_kernel_matmul.py in its own process")
-        if not dispatch.is_interpreted(sparse24._sparse24_decode_kernel):
+        if not launch.is_interpreted(tiles.store_tile):
+            tiles = importlib.reload(tiles)  # before the kernel modules, which import its helpers
+        if not launch.is_interpreted(sparse24._sparse24_decode_kernel):
             sparse24 = importlib.reload(sparse24)
-        if not dispatch.is_interpreted(bitmap._bitmap_decode_kernel):
+        if not launch.is_interpreted(bitmap._bitmap_decode_kernel):
             bitmap = importlib.reload(bitmap)
-    return sparse24, bitmap
+    return sparse24, bitmap, tiles
 
 
-sparse24, bitmap = _import_kernels()
+sparse24, bitmap, tiles = _import_kernels()
 
 from llmprune.errors import UsageError  # noqa: E402
 from llmprune.kernels import (  # noqa: E402
     Packed24,
     PackedBitmap,
     bitmap_matmul_ref,
-    dispatch,
+    launch,
     pack_24,
     pack_bitmap,
     sparse24_matmul_ref,
@@ -153,8 +155,9 @@ def one_config(monkeypatch):
 def test_kernels_run_in_the_interpreter():
     for fmt, kernels in KERNELS.items():
         for kernel in kernels:
-            assert dispatch.is_interpreted(kernel), (fmt, kernel)
-    assert dispatch.is_interpreted(sparse24._load_24)
+            assert launch.is_interpreted(kernel), (fmt, kernel)
+    assert launch.is_interpreted(sparse24._load_24)
+    assert launch.is_interpreted(tiles.finish_split)
 
 
 # --- main matrix: both formats x dtypes x M (decode and tiled paths) x bias -------------------
@@ -216,7 +219,7 @@ def test_splitk_workspace_is_left_clean(fmt, monkeypatch):
         assert floats + counters <= buf.numel()
         return buf[:floats].view(torch.float32), buf[floats:floats + counters]
 
-    monkeypatch.setattr(MODULES[fmt], "splitk_workspace", persistent)
+    monkeypatch.setattr(launch, "splitk_workspace", persistent)
     k = 204 if fmt == "24" else 1100
     config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, SPLIT_K=3)
     for seed in range(2):
@@ -308,7 +311,7 @@ def test_bad_arguments(fmt):
 
 @pytest.mark.skipif(CUDA, reason="CPU-only behaviour")
 def test_clear_error_when_kernels_are_not_interpreted(monkeypatch):
-    monkeypatch.setattr(dispatch, "is_interpreted", lambda kernel: False)
+    monkeypatch.setattr(launch, "is_interpreted", lambda kernel: False)
     x, _, p, _ = make_inputs("24", 1, 40, 204, torch.float32, bias=False)
     with pytest.raises(UsageError, match="TRITON_INTERPRET=1"):
         sparse24.sparse24_matmul(x, p)
