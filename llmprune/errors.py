@@ -13,10 +13,14 @@ class CheckpointError(UsageError):
     """A checkpoint file is missing, truncated, inconsistent or of an unknown format version."""
 
 
-def check_positive_int(flag: str, value: object, *, optional: bool = False) -> None:
-    """Raise UsageError ``--flag must be a positive integer, got X`` unless ``value`` is an int >= 1
-    (or None, with ``optional``). ``flag`` is the option's name with dashes, e.g. ``nsamples``."""
+def check_int(name: str, value: object, *, minimum: int = 1, optional: bool = False):
+    """Return ``value`` if it is an int >= ``minimum`` (or None, with ``optional``); else raise
+    UsageError. ``name`` is a flag (``--seqlen``: "--seqlen must be a positive integer, got 0",
+    the CLI's wording) or a keyword (``seqlen``: "seqlen=0 is not valid: use an integer >= 1")."""
     if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UsageError(f"--{flag} must be a positive integer, got {value!r}")
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        if name.startswith("--") and minimum == 1:
+            raise UsageError(f"{name} must be a positive integer, got {value!r}")
+        raise UsageError(f"{name}={value!r} is not valid: use an integer >= {minimum}")
+    return value

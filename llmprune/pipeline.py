@@ -22,7 +22,7 @@ from llmprune.checkpoints import hub
 from llmprune.checkpoints.files import check_output_dir, write_json_atomic
 from llmprune.checkpoints.save import check_save_format, library_versions, save_checkpoint
 from llmprune.config import PruneConfig
-from llmprune.errors import UsageError, check_positive_int
+from llmprune.errors import UsageError, check_int
 from llmprune.evaluation import perplexity
 from llmprune.models.architecture import check_pattern_fits, find_decoder_layers
 from llmprune.oneshot.loop import LayerLoop, Stream
@@ -171,10 +171,8 @@ def _validate(config: PruneConfig) -> Pattern:
         pattern = parse_pattern(config.pattern, config.sparsity)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    for name in ("nsamples", "seqlen"):
-        check_positive_int(name, getattr(config, name))
-    for name in ("eval_seqlen", "max_eval_tokens"):
-        check_positive_int(name.replace("_", "-"), getattr(config, name), optional=True)
+    for name in ("nsamples", "seqlen", "eval_seqlen", "max_eval_tokens"):
+        check_int("--" + name.replace("_", "-"), getattr(config, name), optional=name.startswith(("eval", "max")))
     if config.save is not None:
         check_output_dir(config.save, config.overwrite)
     check_save_format(config.save_format, config.save)

@@ -198,3 +198,34 @@ def test_smollm2_sparsegpt_beats_magnitude_at_2of4():
                 groups = (module.weight != 0).reshape(module.weight.shape[0], -1, 4).sum(-1)
                 assert groups.max() <= 2, name
     assert sparsegpt.sparsity == pytest.approx(0.5, abs=1e-4)
+
+
+def test_prune_signature_lists_every_config_field_and_method_option_with_its_default():
+    """``llmprune.prune`` is typed explicitly (no **options); it must not drift from the configs."""
+    import dataclasses
+    import inspect
+
+    from llmprune.config import PruneConfig
+    from llmprune.oneshot.methods import option_fields
+
+    params = inspect.signature(llmprune.prune).parameters
+    expected = {f.name: f.default for f in dataclasses.fields(PruneConfig) if f.name != "method_config"}
+    expected.update({f.name: f.default for f in option_fields()})
+    expected.update(tokenizer=None, loaded_model=None)
+    assert {name: p.default for name, p in params.items()} == expected
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for name, p in params.items() if name != "model")
+
+
+def test_method_config_is_recorded_typed_and_read_back():
+    from llmprune.config import PruneConfig
+    from llmprune.solvers import SparseGPTConfig, WandaConfig
+
+    config = PruneConfig(model="m", method="sparsegpt", method_config=SparseGPTConfig(percdamp=0.05, blocksize=64))
+    data = config.to_dict()
+    assert data["method_config"] == {"percdamp": 0.05, "blocksize": 64}
+    assert PruneConfig.from_dict(data) == config
+    assert PruneConfig(model="m", method="wanda").method_config == WandaConfig()
+    with pytest.raises(ValueError, match="unknown SparseGPTConfig keys"):
+        PruneConfig.from_dict({**data, "method_config": {"percdamp": 0.05, "damp": 1}})
+    with pytest.raises(ValueError, match="unknown PruneConfig keys"):
+        PruneConfig.from_dict({**data, "percdamp": 0.05})

@@ -55,7 +55,7 @@ from pathlib import Path
 
 import torch
 
-from llmprune.errors import UsageError
+from llmprune.errors import UsageError, check_int
 
 logger = logging.getLogger(__name__)
 
@@ -151,8 +151,8 @@ def get_calibration(
     Pre-tokenized files ``[n, seqlen]``: the first ``nsamples`` rows, verbatim (BOS is the
     file's business; a warning is logged when ``add_bos`` and a row lacks it).
     """
-    nsamples = _check_positive("nsamples", nsamples)
-    seqlen = _check_positive("seqlen", seqlen)
+    nsamples = check_int("nsamples", nsamples)
+    seqlen = check_int("seqlen", seqlen)
     source = _source_str(source)
     if add_bos is None:
         add_bos = needs_bos(tokenizer)
@@ -183,7 +183,7 @@ def get_eval_tokens(source: str, tokenizer, *, seqlen: int) -> torch.LongTensor:
     sources are returned whole (``perplexity`` drops the tail). Raises UsageError when there
     are fewer than ``seqlen`` tokens (not one window).
     """
-    seqlen = _check_positive("seqlen", seqlen)
+    seqlen = check_int("seqlen", seqlen)
     source = _source_str(source)
     if _is_token_file(source):
         tokens = _load_token_file(_local_path(source), tokenizer)
@@ -278,12 +278,7 @@ def sample_windows(
 def sample_document_windows(
     documents: Sequence,
     tokenize_document: Callable[[str], torch.Tensor],
-    *,
-    nsamples: int,
-    seqlen: int,
-    seed: int,
-    bos_id: int | None = None,
-    source: str = "documents",
+    *, nsamples: int, seqlen: int, seed: int, bos_id: int | None = None, source: str = "documents",
 ) -> torch.LongTensor:
     """The references' c4 sampler: int64 ``[nsamples, seqlen]``.
 
@@ -618,8 +613,3 @@ def _bos_id(tokenizer, seqlen: int) -> int:
         raise UsageError(f"seqlen={seqlen} leaves no room for text after BOS: use seqlen >= 2 with add_bos")
     return int(bos)
 
-
-def _check_positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UsageError(f"{name}={value!r} is not valid: use an integer >= 1")
-    return value

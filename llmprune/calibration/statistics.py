@@ -45,6 +45,20 @@ class _InputStat:
         tokens = x.detach().reshape(-1, self.in_features).to(device=self.device, dtype=torch.float32)
         return tokens, samples
 
+    def update(self, x: Tensor) -> None:
+        """Add one calibration forward's inputs. x: [..., in], any float dtype and device; not modified.
+        Raises ValueError on a shape mismatch or NaN/Inf.
+
+        The running mean is kept as the references keep it: rescaled by ``n / (n + samples)``,
+        then the new tokens' contribution divided by the new ``n`` is added (``_add``)."""
+        tokens, samples = self._tokens(x)  # (T, in) fp32
+        if tokens.shape[0] == 0:
+            return
+        self._mean *= self.n_samples / (self.n_samples + samples)
+        self.n_samples += samples
+        self.n_tokens += tokens.shape[0]
+        self._add(tokens)
+
     def _check_ready(self) -> None:
         if self.n_samples == 0:
             raise ValueError(f"{type(self).__name__}: no activations were accumulated (update never called)")
@@ -66,30 +80,22 @@ class HessianStat(_InputStat):
 
     def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
         super().__init__(in_features, device)
-        self._h = torch.zeros(in_features, in_features, dtype=torch.float32, device=self.device)
+        self._mean = torch.zeros(in_features, in_features, dtype=torch.float32, device=self.device)
 
-    def update(self, x: Tensor) -> None:
-        """Add one calibration forward's inputs. x: [..., in], any float dtype and device; not modified.
-        Raises ValueError on a shape mismatch or NaN/Inf."""
-        tokens, samples = self._tokens(x)  # (T, in) fp32
-        if tokens.shape[0] == 0:
-            return
-        self._h *= self.n_samples / (self.n_samples + samples)
-        self.n_samples += samples
-        self.n_tokens += tokens.shape[0]
+    def _add(self, tokens: Tensor) -> None:
         tokens = tokens * math.sqrt(2 / self.n_samples)
-        self._h.addmm_(tokens.T, tokens)
+        self._mean.addmm_(tokens.T, tokens)
 
     def value(self) -> Tensor:
         """[in, in] fp32 on ``device``, symmetric. The live buffer: do not modify it."""
         self._check_ready()
-        return self._h
+        return self._mean
 
     def to_sums(self) -> tuple[Tensor, int, int]:
         """The statistic as quantities that add over disjoint sets of samples (one per rank):
         ``(sum X^T X [in, in] fp32 on device, n_samples, n_tokens)``. The tensor is a new one
         (``value() * n_samples / 2``); all zeros when nothing was accumulated."""
-        return self._h * (self.n_samples / 2), self.n_samples, self.n_tokens
+        return self._mean * (self.n_samples / 2), self.n_samples, self.n_tokens
 
     def load_sums(self, total: Tensor, n_samples: int, n_tokens: int) -> None:
         """Become the statistic whose :meth:`to_sums` is ``(total, n_samples, n_tokens)``: the
@@ -97,11 +103,11 @@ class HessianStat(_InputStat):
         over as the new buffer, moved to ``device`` and scaled in place by ``2 / n_samples``;
         with ``n_samples == 0`` the stat is left empty (``value()`` raises)."""
         self._check_sums(total, (self.in_features, self.in_features), n_samples, n_tokens)
-        self._h = total.to(self.device)
+        self._mean = total.to(self.device)
         if n_samples:
-            self._h.mul_(2 / n_samples)
+            self._mean.mul_(2 / n_samples)
         else:
-            self._h.zero_()
+            self._mean.zero_()
         self.n_samples, self.n_tokens = n_samples, n_tokens
 
 
@@ -110,29 +116,21 @@ class ColumnNormStat(_InputStat):
 
     def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
         super().__init__(in_features, device)
-        self._s = torch.zeros(in_features, dtype=torch.float32, device=self.device)
+        self._mean = torch.zeros(in_features, dtype=torch.float32, device=self.device)
 
-    def update(self, x: Tensor) -> None:
-        """Add one calibration forward's inputs. x: [..., in], any float dtype and device; not modified.
-        Raises ValueError on a shape mismatch or NaN/Inf."""
-        tokens, samples = self._tokens(x)  # (T, in) fp32
-        if tokens.shape[0] == 0:
-            return
-        self._s *= self.n_samples / (self.n_samples + samples)
-        self.n_samples += samples
-        self.n_tokens += tokens.shape[0]
-        self._s += tokens.square().sum(dim=0) / self.n_samples
+    def _add(self, tokens: Tensor) -> None:
+        self._mean += tokens.square().sum(dim=0) / self.n_samples
 
     def value(self) -> Tensor:
         """[in] fp32 on ``device``, >= 0. The live buffer: do not modify it."""
         self._check_ready()
-        return self._s
+        return self._mean
 
     def to_sums(self) -> tuple[Tensor, int, int]:
         """The statistic as quantities that add over disjoint sets of samples (one per rank):
         ``(sum over tokens of x_j^2 [in] fp32 on device, n_samples, n_tokens)``. The tensor is a
         new one (``value() * n_samples``); all zeros when nothing was accumulated."""
-        return self._s * self.n_samples, self.n_samples, self.n_tokens
+        return self._mean * self.n_samples, self.n_samples, self.n_tokens
 
     def load_sums(self, total: Tensor, n_samples: int, n_tokens: int) -> None:
         """Become the statistic whose :meth:`to_sums` is ``(total, n_samples, n_tokens)``: the
@@ -140,9 +138,9 @@ class ColumnNormStat(_InputStat):
         the new buffer, moved to ``device`` and divided in place by ``n_samples``; with
         ``n_samples == 0`` the stat is left empty (``value()`` raises)."""
         self._check_sums(total, (self.in_features,), n_samples, n_tokens)
-        self._s = total.to(self.device)
+        self._mean = total.to(self.device)
         if n_samples:
-            self._s.div_(n_samples)
+            self._mean.div_(n_samples)
         else:
-            self._s.zero_()
+            self._mean.zero_()
         self.n_samples, self.n_tokens = n_samples, n_tokens

@@ -233,6 +233,53 @@ def _load_compressed(folder: Path, meta: dict, cast, device, trust_remote_code: 
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    # 1. Every file check before any weight is read.
+    index_path, headers, described, packed_keys, tied = _check_compressed_files(folder, meta)
+    # 2. The skeleton: parameters on the meta device, buffers real (they are not all in the file).
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    expected = model.state_dict(keep_vars=True)
+    # 3. Stream: one tensor (or one packed weight) at a time.
+    kept: dict[str, object] = {}
+    since_trim = 0  # bytes decompressed since freed heap memory was last given back
+    for file, header in headers.items():
+        label = str(folder / file)
+        plain = [k for k in header.tensors if k not in packed_keys]
+        for key, tensor in st.iter_tensors(header, plain, label):
+            where = f"{label}: tensor {key}"
+            target = expected.get(key)
+            if target is None:
+                raise CheckpointError(f"{where}: not a parameter or buffer of {type(model).__name__}")
+            if tensor.shape != target.shape:
+                raise CheckpointError(f"{where}: shape {list(tensor.shape)}, the model expects {list(target.shape)}")
+            if key in described:
+                _check_declared(tensor, described[key][1], where)
+            set_tensor(model, key, _cast(tensor, cast).to(device))
+        for name, (shard, entry) in described.items():
+            if shard == file and entry["storage"] != "dense":
+                since_trim += _read_packed(model, expected, header, name, entry, label, cast, device, keep_packed, kept)
+                if since_trim >= _TRIM_EVERY_BYTES:
+                    _release_freed_memory()
+                    since_trim = 0
+    _release_freed_memory()
+    # 4. Ties, then nothing may be left on the meta device.
+    model.tie_weights()
+    for alias, source in tied.items():
+        if alias in expected and get_tensor(model, alias).is_meta and not get_tensor(model, source).is_meta:
+            share_tensor(model, alias, source)
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.is_meta and name not in kept:
+            raise CheckpointError(f"{index_path}: tensor {name} is missing (no shard holds it)")
+    _load_generation_config(model, folder)
+    model.config._name_or_path = str(folder)
+    return model, kept  # still holds meta weights where a packed one was kept: moved by load()
+
+
+def _check_compressed_files(folder: Path, meta: dict):
+    """The index, the shard headers and their weight descriptions, all checked against each
+    other and ``llmprune.json``. Returns ``(index path, {file: header}, {weight: (file, entry)},
+    packed tensor keys, tied aliases)``."""
     index_path = folder / fmt.INDEX_FILE
     index = _read_json(index_path)
     imeta = index.get("metadata") or {}
@@ -243,8 +290,6 @@ def _load_compressed(folder: Path, meta: dict, cast, device, trust_remote_code: 
     tied = imeta.get("tied") or {}
     if not isinstance(weight_map, dict) or not isinstance(tied, dict):
         raise CheckpointError(f"{index_path}: weight_map and metadata.tied must be JSON objects")
-
-    # 1. Every file check before any weight is read.
     headers = {f: st.read_header(_inside(folder, f)) for f in sorted(set(weight_map.values()))}
     for key, file in weight_map.items():
         if key not in headers[file].tensors:
@@ -275,77 +320,40 @@ def _load_compressed(folder: Path, meta: dict, cast, device, trust_remote_code: 
     stray = sorted(k for k in weight_map if fmt.PACKED_SEP in k and k not in packed_keys)
     if stray:
         raise CheckpointError(f"{folder / weight_map[stray[0]]}: tensor {stray[0]} belongs to no described weight")
+    return index_path, headers, described, packed_keys, tied
 
-    # 2. The skeleton: parameters on the meta device, buffers real (they are not all in the file).
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    expected = model.state_dict(keep_vars=True)
 
-    # 3. Stream: one tensor (or one packed weight) at a time.
-    kept: dict[str, object] = {}
-    since_trim = 0  # bytes decompressed since freed heap memory was last given back
-    for file, header in headers.items():
-        label = str(folder / file)
-        plain = [k for k in header.tensors if k not in packed_keys]
-        for key, tensor in st.iter_tensors(header, plain, label):
-            where = f"{label}: tensor {key}"
-            target = expected.get(key)
-            if target is None:
-                raise CheckpointError(f"{where}: not a parameter or buffer of {type(model).__name__}")
-            if tensor.shape != target.shape:
-                raise CheckpointError(f"{where}: shape {list(tensor.shape)}, the model expects {list(target.shape)}")
-            if key in described:
-                _check_declared(tensor, described[key][1], where)
-            set_tensor(model, key, _cast(tensor, cast).to(device))
-        for name, (shard, entry) in described.items():
-            if shard != file or entry["storage"] == "dense":
-                continue
-            where = f"{label}: tensor {name}"
-            target = expected.get(name)
-            if target is None or list(target.shape) != entry["shape"]:
-                got = "no such parameter" if target is None else f"the model expects {list(target.shape)}"
-                raise CheckpointError(f"{where}: declared shape {entry['shape']}, {got}")
-            rows, cols = entry["shape"]
-            shape = (cols, rows) if entry["transposed"] else (rows, cols)
-            # What stays (the dense matrix, or the packed tensors with kernels=True) is allocated
-            # before what is freed, so the freed memory is at the top of the heap, reused by the
-            # next weight (measured for SmolLM2 2:4 fp16: 1.17x -> 1.10x of the model before
-            # trimming was added; with kernels=True, 1.28x -> 1.11x).
-            keep = keep_packed(entry)
-            keys = {fmt.packed_key(name, f): f for f in fmt.packed_fields(entry["storage"])}
-            dtype = fmt.parse_dtype_name(entry["dtype"], where)
-            matrix = None if keep else torch.empty(shape, dtype=dtype)  # [out, in]
-            fields = {keys[k]: t for k, t in st.iter_tensors(header, list(keys), label)}
-            if matrix is None:
-                matrix = torch.empty(shape, dtype=dtype)
-            fmt.decode_packed(entry["storage"], fields, shape, where, out=matrix)  # validated
-            fmt.verify_matrix(matrix, entry, where)
-            if keep:  # blocks validated above: the constructor's shape checks suffice
-                kept[name] = _cast_packed(fmt.packed_from_fields(entry["storage"], fields, shape), cast).to(device)
-            else:
-                weight = matrix.t().contiguous() if entry["transposed"] else matrix
-                set_tensor(model, name, _cast(weight, cast).to(device))
-                del weight
-            since_trim += matrix.numel() * matrix.element_size()
-            del matrix, fields
-            if since_trim >= _TRIM_EVERY_BYTES:
-                _release_freed_memory()
-                since_trim = 0
-
-    _release_freed_memory()
-
-    # 4. Ties, then nothing may be left on the meta device.
-    model.tie_weights()
-    for alias, source in tied.items():
-        if alias in expected and get_tensor(model, alias).is_meta and not get_tensor(model, source).is_meta:
-            share_tensor(model, alias, source)
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if tensor.is_meta and name not in kept:
-            raise CheckpointError(f"{index_path}: tensor {name} is missing (no shard holds it)")
-    _load_generation_config(model, folder)
-    model.config._name_or_path = str(folder)
-    return model, kept  # still holds meta weights where a packed one was kept: moved by load()
+def _read_packed(model, expected: dict, header, name: str, entry: dict, label: str, cast, device, keep_packed,
+                 kept: dict) -> int:
+    """Read, check and decode one packed weight into ``model`` (or, with ``keep_packed``, into
+    ``kept``). Returns the bytes of the decoded matrix."""
+    where = f"{label}: tensor {name}"
+    target = expected.get(name)
+    if target is None or list(target.shape) != entry["shape"]:
+        got = "no such parameter" if target is None else f"the model expects {list(target.shape)}"
+        raise CheckpointError(f"{where}: declared shape {entry['shape']}, {got}")
+    rows, cols = entry["shape"]
+    shape = (cols, rows) if entry["transposed"] else (rows, cols)
+    # What stays (the dense matrix, or the packed tensors with kernels=True) is allocated
+    # before what is freed, so the freed memory is at the top of the heap, reused by the
+    # next weight (measured for SmolLM2 2:4 fp16: 1.17x -> 1.10x of the model before
+    # trimming was added; with kernels=True, 1.28x -> 1.11x).
+    keep = keep_packed(entry)
+    keys = {fmt.packed_key(name, f): f for f in fmt.packed_fields(entry["storage"])}
+    dtype = fmt.parse_dtype_name(entry["dtype"], where)
+    matrix = None if keep else torch.empty(shape, dtype=dtype)  # [out, in]
+    fields = {keys[k]: t for k, t in st.iter_tensors(header, list(keys), label)}
+    if matrix is None:
+        matrix = torch.empty(shape, dtype=dtype)
+    fmt.decode_packed(entry["storage"], fields, shape, where, out=matrix)  # validated
+    fmt.verify_matrix(matrix, entry, where)
+    if keep:  # blocks validated above: the constructor's shape checks suffice
+        kept[name] = _cast_packed(fmt.packed_from_fields(entry["storage"], fields, shape), cast).to(device)
+    else:
+        weight = matrix.t().contiguous() if entry["transposed"] else matrix
+        set_tensor(model, name, _cast(weight, cast).to(device))
+        del weight
+    return matrix.numel() * matrix.element_size()
 
 
 _TRIM_EVERY_BYTES = 16 * 2**20

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from llmprune.errors import UsageError
+from llmprune.errors import UsageError, check_int
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def perplexity(
     ``torch.inference_mode`` with ``use_cache=False`` and restored to its previous mode.
     Logits are upcast to fp32 batch by batch; no ``[T, vocab]`` tensor is built.
     """
-    batch_size = _check_int("batch_size", batch_size, minimum=1)
+    batch_size = check_int("batch_size", batch_size, minimum=1)
     windows = eval_windows(model, tokens, seqlen=seqlen, source=source, max_tokens=max_tokens, add_bos=add_bos)
     n_windows = windows.shape[0]
     if device is None:
@@ -104,21 +104,14 @@ def perplexity(
     return result
 
 
-def eval_windows(
-    model,
-    tokens: torch.LongTensor,
-    *,
-    seqlen: int,
-    source: str = "",
-    max_tokens: int | None = None,
-    add_bos: bool = False,
-) -> torch.LongTensor:
+def eval_windows(model, tokens: torch.LongTensor, *, seqlen: int, source: str = "", max_tokens: int | None = None,
+                 add_bos: bool = False) -> torch.LongTensor:
     """The ``[n_windows, seqlen]`` model inputs :func:`perplexity` evaluates, in order (BOS
     first in each window with ``add_bos``; the id from ``model.config``). Raises UsageError
     for bad arguments or too few tokens for one window."""
-    seqlen = _check_int("seqlen", seqlen, minimum=2 if add_bos else 1)
+    seqlen = check_int("seqlen", seqlen, minimum=2 if add_bos else 1)
     if max_tokens is not None:
-        max_tokens = _check_int("max_tokens", max_tokens, minimum=1)
+        max_tokens = check_int("max_tokens", max_tokens, minimum=1)
     if tokens.dim() == 2 and tokens.shape[0] == 1:
         stream = tokens[0]
     elif tokens.dim() == 1:
@@ -151,8 +144,3 @@ def _model_bos_id(model) -> int:
         )
     return int(bos)
 
-
-def _check_int(name: str, value, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UsageError(f"{name}={value!r} is not valid: use an integer >= {minimum}")
-    return value

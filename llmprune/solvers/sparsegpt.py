@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from llmprune.errors import UsageError
+from llmprune.errors import UsageError, check_int
 from llmprune.solvers.masks import (
     SolveResult,
     check_weight,
@@ -38,8 +38,7 @@ class SparseGPTConfig:
     blocksize: int = field(default=128, metadata={"help": "SparseGPT column block size"})
 
     def __post_init__(self) -> None:
-        if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int) or self.blocksize < 1:
-            raise UsageError(f"--blocksize must be a positive integer, got {self.blocksize!r}")
+        check_int("--blocksize", self.blocksize)
         if not (isinstance(self.percdamp, (int, float)) and 0 <= self.percdamp < 1e3):
             raise UsageError(f"--percdamp must be a non-negative number, got {self.percdamp!r}")
 
