@@ -637,3 +637,18 @@ def test_smollm2_compressed_load_peak_memory(smol):
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     assert row["model_bytes"] > 250e6
     assert row["peak_over_model"] < 1.3, row
+
+
+def test_a_compressed_checkpoint_is_a_model_source_to_prune_again(tiny_runs):
+    """The one loader reads llmprune's own compressed folders (what transformers refuses), so a
+    pruned checkpoint can be pruned further or fine-tuned; --offload disk refuses it in one line."""
+    from llmprune.models.loader import load_model, load_skeleton_model
+
+    result, folder = tiny_runs["2of4", "compressed"]
+    model, tokenizer = load_model(str(folder))
+    expected = result.model.state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+    assert tokenizer("hello world").input_ids == result.tokenizer("hello world").input_ids
+    with pytest.raises(UsageError, match="compressed llmprune checkpoint: run with --offload cpu"):
+        load_skeleton_model(str(folder))

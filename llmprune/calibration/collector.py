@@ -237,7 +237,7 @@ class StatisticsCollector:
         An expert matrix (``PrunableMatrix.is_expert``) whose statistic never received a token
         (no calibration token was routed to it; with ``true_sequential``, none in the pass that
         collected its group) has nothing to be pruned from: it keeps its dense weights, one
-        warning names the layer and the matrices, and their names are returned (the engine's
+        warning names the layer and the matrices, and their names are returned (the layer loop's
         ``LayerReport.left_dense``). Any other matrix that never ran raises RuntimeError: it
         sees every token, so a hook missed it and it would silently stay dense.
         """
