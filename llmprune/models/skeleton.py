@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from llmprune.checkpoints import safetensors_io as st
-from llmprune.errors import UsageError
+from llmprune.errors import CheckpointError, UsageError
 
 
 @dataclass
@@ -224,7 +224,7 @@ def set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     elif leaf in module._buffers:
         module._buffers[leaf] = tensor
     else:
-        raise UsageError(f"tensor {name} is neither a parameter nor a buffer of {type(model).__name__}")
+        raise CheckpointError(f"tensor {name} is neither a parameter nor a buffer of {type(model).__name__}")
 
 
 def share_tensor(model: nn.Module, alias: str, source: str) -> None:
