@@ -9,14 +9,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from llmprune.cli.common import add_log_level, run_reporting_errors, setup_logging
+from llmprune.cli.common import add_field_flag, add_log_level, run_reporting_errors, setup_logging
 from llmprune.config import PruneConfig
 from llmprune.oneshot.methods import METHODS, option_fields, owners
-
-
-def _flag_type(annotation: str):
-    base = annotation.replace(" | None", "")
-    return {"int": int, "float": float, "str": str, "bool": bool}[base]
 
 
 def build_parser(method: str | None) -> argparse.ArgumentParser:
@@ -34,23 +29,11 @@ def build_parser(method: str | None) -> argparse.ArgumentParser:
                 parser.add_argument(flag, choices=list(METHODS), default=f.default, help=help_text)
             continue
         if f.metadata.get("cli", True):
-            _add_flag(parser, f, help_text)
+            add_field_flag(parser, f, help_text)
     for f in option_fields():
-        _add_flag(parser, f, f"{f.metadata['help']} ({', '.join(owners(f.name))} only)")
+        add_field_flag(parser, f, f"{f.metadata['help']} ({', '.join(owners(f.name))} only)")
     add_log_level(parser)
     return parser
-
-
-def _add_flag(parser: argparse.ArgumentParser, f: dataclasses.Field, help_text: str) -> None:
-    flag = "--" + f.name.replace("_", "-")
-    kind = _flag_type(str(f.type))
-    if kind is bool:
-        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
-    else:
-        parser.add_argument(
-            flag, type=kind, default=f.default, required=f.metadata.get("required", False),
-            help=f"{help_text} (default: {f.default})" if f.default is not None else help_text,
-        )
 
 
 def _format_table(result) -> str:
