@@ -3,7 +3,9 @@
 ``llmprune.prune(model, method=..., sparsity=..., pattern=...)`` runs the whole pipeline
 (:func:`llmprune.pipeline.prune`; its keywords are the CLI flags), ``llmprune.load`` reads a
 checkpoint back (:func:`llmprune.checkpoints.load.load`) and ``llmprune.push_to_hub`` uploads
-one (:func:`llmprune.checkpoints.hub.push_to_hub`). The three are the real functions, imported
+one (:func:`llmprune.checkpoints.hub.push_to_hub`), ``llmprune.finetune`` fine-tunes a pruned
+model (:func:`llmprune.training.run.finetune`; the module ``llmprune.finetune`` is itself
+callable, so ``python -m llmprune.finetune`` works too). They are the real functions, imported
 on first use so that ``import llmprune`` stays cheap.
 """
 
@@ -24,6 +26,7 @@ _LAZY = {
     "prune": ("llmprune.pipeline", "prune"),
     "load": ("llmprune.checkpoints.load", "load"),
     "push_to_hub": ("llmprune.checkpoints.hub", "push_to_hub"),
+    "finetune": ("llmprune.finetune", None),  # the module itself: it is callable (see llmprune/finetune.py)
 }
 
 
@@ -32,8 +35,9 @@ def __getattr__(name: str):
         import importlib
 
         module, attribute = _LAZY[name]
-        return getattr(importlib.import_module(module), attribute)
+        imported = importlib.import_module(module)
+        return imported if attribute is None else getattr(imported, attribute)
     raise AttributeError(f"module 'llmprune' has no attribute {name!r}")
 
 
-__all__ = ["NM", "PruneConfig", "Unstructured", "UsageError", "load", "parse_pattern", "prune", "push_to_hub"]
+__all__ = ["NM", "PruneConfig", "Unstructured", "UsageError", "finetune", "load", "parse_pattern", "prune", "push_to_hub"]

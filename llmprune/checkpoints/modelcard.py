@@ -344,10 +344,13 @@ def render_card(meta: dict, *, name: str, repo_id: str | None = None) -> str:
         "",
         f"# {name}",
         "",
-        f"{_base_name(base) or 'A causal language model'} pruned in one shot with "
-        f"{recipe.get('method', '?')} at pattern {_pattern_short(recipe.get('pattern'))} by "
+        f"{_base_name(base) or 'A causal language model'} pruned "
+        + ("gradually during fine-tuning (gmp)" if recipe.get("method") == "gmp" and recipe.get("finetune")
+           else f"in one shot with {recipe.get('method', '?')}")
+        + f" at pattern {_pattern_short(recipe.get('pattern'))} by "
         f"llmprune {(meta.get('versions') or {}).get('llmprune', '')}. "
         f"Weights: {fmt}.",
+        *_finetune_intro(recipe),
         "",
         "## Results",
         "",
@@ -361,6 +364,7 @@ def render_card(meta: dict, *, name: str, repo_id: str | None = None) -> str:
         "",
         *_recipe_lines(meta),
         "",
+        *_finetune_lines(recipe),
         "## How to load",
         "",
         *_load_lines(meta, ref),
@@ -370,6 +374,47 @@ def render_card(meta: dict, *, name: str, repo_id: str | None = None) -> str:
         body += ["## License", "", "The base model's license could not be determined; check it before use.", ""]
     data = card_data(meta, name)
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)
+
+
+def _finetune_intro(recipe: dict) -> list[str]:
+    ft = recipe.get("finetune")
+    if not ft:
+        return []
+    teacher = f"distillation from {ft['teacher']}" if ft.get("teacher") else "the language-modelling loss only"
+    return [f"Then fine-tuned by llmprune for {ft['steps']} steps ({ft['tokens_seen']} tokens) with {teacher}, "
+            "the sparsity pattern kept (see Fine-tuning below)."]
+
+
+def _finetune_lines(recipe: dict) -> list[str]:
+    """The fine-tuning recipe (``recipe["finetune"]``, written by ``llmprune.finetune``)."""
+    ft = recipe.get("finetune")
+    if not ft:
+        return []
+    strategy = ft.get("strategy") or {}
+    schedule = strategy.get("schedule") or {}
+    if schedule.get("kind") == "cubic":
+        schedule_text = (f"cubic (Zhu & Gupta) from sparsity {schedule['initial']:g} to {schedule['final']:g}, "
+                         f"masks recomputed by magnitude every {schedule['every']} steps from step {schedule['start']} "
+                         f"to {schedule['end']}")
+    else:
+        schedule_text = "constant (the loaded mask kept)"
+    loss = ft.get("loss") or {}
+    data = ft.get("data") or {}
+    lines = [
+        "## Fine-tuning",
+        "",
+        f"- teacher: {ft.get('teacher') or 'none (plain LM loss)'}; loss (1 - a) LM + a KL(teacher || student), "
+        f"a = {ft.get('distill_weight')}, temperature {ft.get('distill_temp')}",
+        f"- data: {_source_name(str(data.get('source')))}, {ft.get('steps')} steps x {ft.get('batch_size')} x "
+        f"{ft.get('grad_accum')} windows of {ft.get('seqlen')} tokens = {ft.get('tokens_seen')} tokens, seed "
+        f"{ft.get('seed')}, token ids and order sha256 `{data.get('sha256')}`",
+        f"- optimizer: AdamW, learning rate {ft.get('lr')}, warmup {ft.get('warmup')} steps, weight decay "
+        f"{ft.get('weight_decay')}",
+        f"- sparsity schedule: {schedule_text}",
+    ]
+    if loss:
+        lines.append(f"- training loss: first {loss['first']:.4f}, last {loss['last']:.4f}, min {loss['min']:.4f}")
+    return lines + [""]
 
 
 def _pattern_short(pattern: dict | None) -> str:

@@ -1,0 +1,10 @@
+"""Training-time sparsity: masks that hold during training, sparsity schedules, distillation.
+
+``masks`` (which weights are kept, enforced on weights, gradients and optimizer state),
+``schedules`` (what sparsity at step t: constant, Zhu & Gupta's cubic), ``criteria`` (which
+weights: magnitude, unstructured or N:M), ``strategies`` (mask-update strategies: ``gmp``;
+the interface other methods plug into), ``distill`` (the loss), ``callback`` (the
+``transformers.TrainerCallback``), ``trainer`` (the Trainer the CLI runs), ``run`` (the
+fine-tuning run behind ``python -m llmprune.finetune``). Mask convention: ``True`` = keep.
+Nothing is imported here, so ``import llmprune.training`` stays cheap.
+"""

@@ -1,0 +1,447 @@
+"""``finetune(...)``: one fine-tuning run as named stages - check, load, masks, data, train,
+evaluate, save. The typed function behind ``python -m llmprune.finetune``; its keywords are
+the fields of :class:`llmprune.training.config.FinetuneConfig`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from llmprune.errors import UsageError, check_int
+from llmprune.patterns import NM, Pattern, Unstructured, parse_pattern, pattern_from_dict, pattern_to_dict
+from llmprune.training.config import NOT_RECIPE, SCHEDULES, FinetuneConfig
+
+logger = logging.getLogger(__name__)
+
+FINGERPRINT_FILE = "llmprune-finetune.json"
+
+
+@dataclass
+class FinetuneResult:
+    """What a run produced. ``model`` is the fine-tuned model (on the CPU)."""
+
+    config: FinetuneConfig
+    model: object
+    tokenizer: object
+    pattern: Pattern | None
+    before_ppl: dict = field(default_factory=dict)
+    after_ppl: dict = field(default_factory=dict)
+    loss_curve: list[dict] = field(default_factory=list)
+    sparsity: float = 0.0
+    tokens_seen: int = 0
+    data_sha256: str = ""
+    teacher: str | None = None
+    strategy: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+    resumed_from_step: int = 0
+    results_path: Path | None = None
+
+    def loss_summary(self) -> dict:
+        losses = [row["loss"] for row in self.loss_curve]
+        if not losses:
+            return {}
+        tail = losses[-max(1, len(losses) // 10):]
+        return {"first": losses[0], "last": losses[-1], "min": min(losses), "mean_last_10pct": sum(tail) / len(tail),
+                "steps_logged": len(losses)}
+
+    def recipe(self) -> dict:
+        c = self.config
+        return {
+            "teacher": self.teacher, "steps": c.steps, "tokens_seen": self.tokens_seen, "lr": c.lr,
+            "warmup": c.warmup, "batch_size": c.batch_size, "grad_accum": c.grad_accum, "seqlen": c.seqlen,
+            "weight_decay": c.weight_decay, "seed": c.seed, "distill_weight": c.distill_weight if self.teacher else 0.0,
+            "distill_temp": c.distill_temp, "distill_hidden": c.distill_hidden if self.teacher else 0.0,
+            "strategy": self.strategy, "data": {"source": c.dataset, "sha256": self.data_sha256},
+            "loss": self.loss_summary(), "config": c.to_dict(),
+        }
+
+    def to_dict(self) -> dict:
+        def ppl(results):
+            return {name: r.__dict__ for name, r in results.items()}
+
+        return {"finetune": self.recipe(), "sparsity": self.sparsity, "before_ppl": ppl(self.before_ppl),
+                "after_ppl": ppl(self.after_ppl), "loss_curve": self.loss_curve, "seconds": self.seconds,
+                "resumed_from_step": self.resumed_from_step}
+
+
+def finetune(model: str | None = None, **options) -> FinetuneResult:
+    """Fine-tune a (pruned) causal LM, keeping or growing its sparsity; keywords are the CLI
+    flags (``FinetuneConfig`` fields). Raises :class:`llmprune.errors.UsageError` for bad
+    input before anything is loaded or written."""
+    known = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise UsageError(f"unknown option {unknown[0]!r} of finetune(); valid: {', '.join(sorted(known))}")
+    config = FinetuneConfig(model=model, **options)
+    _validate(config)
+    return _Run(config).execute()
+
+
+def _validate(config: FinetuneConfig) -> None:
+    """Cheap checks on every option before anything is loaded."""
+    from llmprune.calibration import data
+    from llmprune.checkpoints.files import check_output_dir
+    from llmprune.checkpoints.save import check_save_format
+    from llmprune.runtime import devices
+    from llmprune.training.criteria import SCOPES
+    from llmprune.training.strategies import METHODS
+
+    if not config.model:
+        raise UsageError("--model is required: a pruned checkpoint folder, Hub id, .gguf file or alias")
+    for name in ("steps", "seqlen", "batch_size", "grad_accum", "prune_every"):
+        check_int("--" + name.replace("_", "-"), getattr(config, name))
+    for name in ("eval_seqlen", "max_eval_tokens", "save_every"):
+        check_int("--" + name.replace("_", "-"), getattr(config, name), optional=True)
+    check_int("--warmup", config.warmup, minimum=0)
+    check_int("--prune-start", config.prune_start, minimum=0)
+    if not (isinstance(config.lr, (int, float)) and math.isfinite(config.lr) and config.lr > 0):
+        raise UsageError(f"--lr must be a positive number, got {config.lr!r}")
+    for name in ("weight_decay", "max_grad_norm", "distill_hidden"):
+        if not getattr(config, name) >= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)!r}")
+    if not 0.0 <= config.distill_weight <= 1.0:
+        raise UsageError(f"--distill-weight must be in [0, 1], got {config.distill_weight!r}")
+    if not config.distill_temp > 0:
+        raise UsageError(f"--distill-temp must be > 0, got {config.distill_temp!r}")
+    if config.method not in METHODS:
+        raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {config.method!r}")
+    if config.schedule not in SCHEDULES:
+        raise UsageError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {config.schedule!r}")
+    if config.scope not in SCOPES:
+        raise UsageError(f"--scope must be one of {', '.join(SCOPES)}, got {config.scope!r}")
+    for name in ("sparsity_from", "sparsity_to"):
+        value = getattr(config, name)
+        if value is not None and not 0.0 <= value < 1.0:
+            raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1), got {value!r}")
+    target_pattern(config)
+    if config.schedule == "cubic":
+        end = config.prune_end
+        if end is not None and (end <= config.prune_start or end > config.steps):
+            raise UsageError(f"--prune-end {end} must be after --prune-start {config.prune_start} and at most "
+                             f"--steps {config.steps}")
+        if config.prune_start >= config.steps:
+            raise UsageError(f"--prune-start {config.prune_start} must be below --steps {config.steps}")
+    if config.save is not None:
+        check_output_dir(config.save, config.overwrite)
+    check_save_format(config.save_format, config.save)
+    devices.resolve_device(config.device)
+    if config.teacher_device is not None:
+        devices.resolve_device(config.teacher_device)
+    devices.parse_dtype(config.dtype)
+    if config.resume and config.work_dir is None:
+        raise UsageError("--resume needs --work-dir: the folder of the run to continue")
+    if config.work_dir is not None and not config.resume:
+        work = Path(config.work_dir)
+        if work.exists() and (not work.is_dir() or any(work.iterdir())):
+            raise UsageError(f"--work-dir {str(work)!r} is not empty: pass --resume to continue its run, "
+                             "or give an empty folder")
+    data.check_disjoint(config.dataset, config.eval_sources)
+
+
+def target_pattern(config: FinetuneConfig) -> Pattern | None:
+    """The pattern asked for: cubic's target (N:M, or unstructured at ``--sparsity-to``), or the
+    pattern the loaded masks are checked against (constant); None when not given."""
+    try:
+        if config.schedule == "cubic":
+            text = config.pattern or "unstructured"
+            if text.strip().lower() == "unstructured":
+                if config.sparsity_to is None:
+                    raise UsageError("--schedule cubic needs --sparsity-to (the final sparsity, in [0, 1)) "
+                                     "or --pattern N:M")
+                pattern = Unstructured(float(config.sparsity_to))
+            else:
+                pattern = parse_pattern(text, config.sparsity_to)
+            if config.sparsity_from > pattern.target_sparsity:
+                raise UsageError(f"--sparsity-from {config.sparsity_from} is above the final sparsity "
+                                 f"{pattern.target_sparsity:g}")
+            return pattern
+        if config.pattern is None:
+            return None
+        text = config.pattern.strip().lower()
+        return Unstructured(0.0) if text == "unstructured" else parse_pattern(text)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def evaluate(model, tokenizer, config: FinetuneConfig, device: torch.device, tokens: dict) -> dict:
+    """Perplexity on every evaluation source (``tokens``: source -> ``[1, T]`` test stream),
+    the model moved to ``device`` and back to where it was."""
+    from llmprune.calibration import data
+    from llmprune.evaluation.perplexity import perplexity
+
+    if not tokens:
+        return {}
+    where = next(model.parameters()).device
+    model.to(device)
+    seqlen = config.eval_seqlen or config.seqlen
+    results = {source: perplexity(model, stream, seqlen=seqlen, source=source, max_tokens=config.max_eval_tokens,
+                                  add_bos=data.needs_bos(tokenizer), device=device, show_progress=config.progress)
+               for source, stream in tokens.items()}
+    model.to(where)
+    return results
+
+
+class _Run:
+    def __init__(self, config: FinetuneConfig):
+        self.config = config
+        self.seconds: dict[str, float] = {}
+
+    def execute(self) -> FinetuneResult:
+        from llmprune.runtime import devices
+
+        config = self.config
+        self.device = devices.resolve_device(config.device)
+        self.teacher_device = devices.resolve_device(config.teacher_device or config.device)
+        start = time.perf_counter()
+        self.load()
+        masks, strategy, pattern = self.masks_and_strategy()
+        windows, order, eval_tokens = self.read_data()
+        self.seconds["load"] = time.perf_counter() - start
+        result = FinetuneResult(config, self.model, self.tokenizer, pattern, teacher=self.teacher_name,
+                                strategy=strategy.describe())
+        result.data_sha256 = _data_sha(windows, order)
+        result.tokens_seen = config.steps * config.batch_size * config.grad_accum * windows.shape[1]
+        if config.eval_before:
+            start = time.perf_counter()
+            result.before_ppl = evaluate(self.model, self.tokenizer, config, self.device, eval_tokens)
+            self.seconds["eval_before"] = time.perf_counter() - start
+        start = time.perf_counter()
+        result.loss_curve, result.resumed_from_step = self.train(masks, strategy, windows, order)
+        self.seconds["train"] = time.perf_counter() - start
+        self.model.to("cpu")
+        result.sparsity = masks.sparsity() if masks.masks else 0.0
+        start = time.perf_counter()
+        result.after_ppl = evaluate(self.model, self.tokenizer, config, self.device, eval_tokens)
+        self.seconds["eval_after"] = time.perf_counter() - start
+        result.seconds = self.seconds
+        self.save(result, masks)
+        if config.results is not None:
+            from llmprune.checkpoints.files import write_json_atomic
+
+            result.results_path = write_json_atomic(config.results, result.to_dict())
+        return result
+
+    # -- stages
+    def load(self) -> None:
+        """Student, its llmprune.json (if a checkpoint), and the teacher (vocabulary checked)."""
+        from llmprune.models.sources import local_folder, resolve_model_source
+
+        config = self.config
+        dtype = "float32" if config.dtype == "auto" else config.dtype
+        self.meta = {}
+        src = resolve_model_source(config.model)
+        if src.kind == "folder":
+            meta_file = local_folder(config.model) / "llmprune.json"
+            if meta_file.is_file():
+                self.meta = json.loads(meta_file.read_text())
+        with _quiet_loading(not config.progress):
+            self._load_models(dtype)
+
+    def _load_models(self, dtype: str) -> None:
+        from llmprune.models.loader import load_model
+
+        config = self.config
+        self.model, self.tokenizer = load_model(config.model, dtype=dtype, trust_remote_code=config.trust_remote_code)
+        teacher = config.teacher
+        if teacher is None:
+            teacher = (self.meta.get("base_model") or {}).get("source") or config.model
+        self.teacher_name = None if str(teacher).strip().lower() == "none" else str(teacher)
+        self.teacher = None
+        if self.teacher_name is not None and (config.distill_weight > 0 or config.distill_hidden > 0):
+            teacher_model, teacher_tok = load_model(self.teacher_name, dtype=dtype,
+                                                    trust_remote_code=config.trust_remote_code)
+            check_same_vocabulary(self.model, self.tokenizer, teacher_model, teacher_tok, self.teacher_name)
+            self.teacher = teacher_model
+        elif self.teacher_name is not None:
+            self.teacher_name = None  # distill weights 0: no teacher is used
+
+    def masks_and_strategy(self):
+        """The masks (from the checkpoint's zeros where it declares pruned weights, else dense)
+        and the mask-update strategy; the pattern checked against the weights."""
+        from llmprune.models.architecture import check_pattern_fits, find_decoder_layers
+        from llmprune.training.masks import MaskSet, prunable_weights
+        from llmprune.training.schedules import ConstantSchedule, cubic_for_run
+        from llmprune.training.strategies import METHODS
+
+        config = self.config
+        asked = target_pattern(config)
+        declared = (self.meta.get("recipe") or {}).get("pattern")
+        declared_pattern = pattern_from_dict(declared) if declared else None
+        weights = prunable_weights(self.model)
+        pruned_names = set(self.meta.get("pruned_weights") or {})
+        if config.schedule == "cubic":
+            _, layers = find_decoder_layers(self.model)
+            check_pattern_fits(layers, asked)
+            schedule = cubic_for_run(config.sparsity_from, asked.target_sparsity, steps=config.steps,
+                                     every=config.prune_every, start=config.prune_start, end=config.prune_end)
+            masks = MaskSet(weights, {n: p.detach() != 0 for n, (p, _) in weights.items()}) if pruned_names \
+                else MaskSet.dense(self.model)
+            pattern = asked
+        else:
+            schedule = ConstantSchedule()
+            if pruned_names or asked is not None:
+                chosen = {n: w for n, w in weights.items() if not pruned_names or n in pruned_names}
+                masks = MaskSet(chosen, {n: p.detach() != 0 for n, (p, _) in chosen.items()})
+            else:
+                masks = MaskSet({}, {})
+            pattern = declared_pattern
+            if isinstance(asked, NM):
+                masks.check_pattern(asked)  # the loaded weights must already hold it
+                pattern = asked
+            elif pattern is None and masks.masks:
+                pattern = Unstructured(round(masks.sparsity(), 6))
+        nm = pattern if isinstance(pattern, NM) else None
+        strategy = METHODS[config.method](schedule=schedule, pattern=nm, scope=config.scope)
+        return masks, strategy, pattern
+
+    def read_data(self):
+        from llmprune.calibration import data as calibration
+        from llmprune.training.data import sample_order, train_windows
+
+        config = self.config
+        windows = train_windows(config.dataset, self.tokenizer, self.model, seqlen=config.seqlen)
+        n_samples = config.steps * config.batch_size * config.grad_accum
+        order = sample_order(windows.shape[0], n_samples, config.seed)
+        seqlen = config.eval_seqlen or config.seqlen
+        eval_tokens = {s: calibration.get_eval_tokens(s, self.tokenizer, seqlen=seqlen) for s in config.eval_sources}
+        return windows, order, eval_tokens
+
+    def train(self, masks, strategy, windows, order) -> tuple[list[dict], int]:
+        """The Trainer run (resumed from the work folder's last complete checkpoint with
+        ``--resume``); returns the loss curve and the step it resumed from."""
+        from transformers import TrainingArguments
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        from llmprune.training.callback import SparsityCallback
+        from llmprune.training.data import WindowDataset
+        from llmprune.training.trainer import DistillationTrainer, ProgressBar, Teacher
+
+        config = self.config
+        temporary = config.work_dir is None
+        output_dir = Path(tempfile.mkdtemp(prefix="llmprune-finetune-")) if temporary else Path(config.work_dir)
+        resume_from = self.prepare_work_dir(output_dir) if not temporary else None
+        cuda = self.device.type == "cuda"
+        args = TrainingArguments(
+            output_dir=str(output_dir), max_steps=config.steps, per_device_train_batch_size=config.batch_size,
+            gradient_accumulation_steps=config.grad_accum, learning_rate=config.lr, warmup_steps=config.warmup,
+            weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm, seed=config.seed,
+            lr_scheduler_type="linear", logging_steps=1, report_to="none", use_cpu=not cuda,
+            bf16=cuda and config.dtype == "auto", activation_checkpointing=config.gradient_checkpointing or None,
+            save_strategy="no" if temporary else "steps", save_steps=config.save_every or max(1, config.steps // 10),
+            save_total_limit=2, dataloader_num_workers=0, disable_tqdm=not config.progress,
+        )
+        callback = SparsityCallback(masks, strategy)
+        if resume_from is not None:
+            callback.restore(resume_from)
+        teacher = Teacher(self.teacher, self.teacher_device) if self.teacher is not None else None
+        self.model.train()
+        trainer = DistillationTrainer(
+            model=self.model, args=args, train_dataset=WindowDataset(windows, order), callbacks=[callback],
+            teacher=teacher, distill_weight=config.distill_weight, distill_temp=config.distill_temp,
+            hidden_weight=config.distill_hidden,
+        )
+        trainer.remove_callback(ProgressCallback)
+        trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(ProgressBar(config.batch_size * config.grad_accum * windows.shape[1], config.progress))
+        try:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+            history = trainer.state.log_history
+        finally:
+            if temporary:
+                shutil.rmtree(output_dir, ignore_errors=True)
+        self.model.eval()
+        del trainer
+        curve = [{k: v for k, v in row.items() if k != "epoch"} for row in history if "loss" in row]
+        step = int(resume_from.name.split("-")[1]) if resume_from is not None else 0
+        return curve, step
+
+    def prepare_work_dir(self, work: Path) -> Path | None:
+        """Write (fresh run) or check (``--resume``) the work folder's recipe; with ``--resume``
+        return its last complete checkpoint (incomplete ones, left by a kill, are removed)."""
+        from llmprune.checkpoints.files import write_json_atomic
+        from llmprune.training.callback import COMPLETE_FILE, latest_complete_checkpoint
+
+        recipe = {k: v for k, v in self.config.to_dict().items() if k not in NOT_RECIPE}
+        path = work / FINGERPRINT_FILE
+        if self.config.resume and path.is_file():
+            saved = json.loads(path.read_text())
+            changed = sorted(k for k in set(saved) | set(recipe) if saved.get(k) != recipe.get(k))
+            if changed:
+                raise UsageError(f"--resume: the run in {str(work)!r} had another recipe ({changed[0]}="
+                                 f"{saved.get(changed[0])!r}, now {recipe.get(changed[0])!r}): use the same options")
+        work.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, recipe)
+        for folder in work.glob("checkpoint-*"):
+            if not (folder / COMPLETE_FILE).is_file():
+                shutil.rmtree(folder, ignore_errors=True)  # a kill during its save
+        return latest_complete_checkpoint(work) if self.config.resume else None
+
+    def save(self, result: FinetuneResult, masks) -> None:
+        config = self.config
+        if config.save is None:
+            return
+        from llmprune.checkpoints import format as fmt
+        from llmprune.checkpoints.modelcard import base_model_info
+        from llmprune.checkpoints.save import save_checkpoint
+
+        pattern = pattern_to_dict(result.pattern) if result.pattern is not None else None
+        for name in masks.masks:  # the pattern is checked on the weights that are saved
+            weight = masks.weight_rows(name)
+            fmt.verify_matrix(weight, fmt.make_entry(weight, "dense", False, pattern), f"{config.save}: {name}")
+        earlier = self.meta.get("recipe") or {}
+        recipe = {**earlier, "pattern": pattern, "finetune": result.recipe()}
+        recipe.setdefault("method", strategy_method(result))
+        results = {**(self.meta.get("results") or {}), "sparsity": result.sparsity,
+                   "before_finetune_ppl": {n: r.__dict__ for n, r in result.before_ppl.items()},
+                   "pruned_ppl": {n: r.__dict__ for n, r in result.after_ppl.items()}}
+        metadata = {"recipe": recipe, "results": results, "layers": masks.report()}
+        base = self.meta.get("base_model") or base_model_info(config.model, online=False)
+        declared = {name: pattern for name in masks.masks}
+        save_checkpoint(self.model, self.tokenizer, config.save, metadata, save_format=config.save_format,
+                        pruned=declared, base_model=base, overwrite=config.overwrite)
+
+
+def strategy_method(result: FinetuneResult) -> str:
+    return result.strategy.get("method", "gmp")
+
+
+def check_same_vocabulary(model, tokenizer, teacher, teacher_tokenizer, teacher_name: str) -> None:
+    """UsageError unless the teacher's logits and tokenizer match the student's vocabulary."""
+    rows = model.get_output_embeddings().weight.shape[0]
+    teacher_rows = teacher.get_output_embeddings().weight.shape[0]
+    if rows != teacher_rows or tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+        raise UsageError(f"teacher {teacher_name!r} has another vocabulary than the student ({teacher_rows} logits "
+                         f"and {len(teacher_tokenizer)} tokens vs {rows} and {len(tokenizer)}): distillation needs "
+                         "the same tokenizer; pass the dense base model or --teacher none")
+
+
+@contextlib.contextmanager
+def _quiet_loading(quiet: bool):
+    """transformers' "Loading weights" bars off while loading (``--no-progress``), then as before."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet and was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _data_sha(windows, order) -> str:
+    from llmprune.training.data import sha256
+
+    return sha256(windows, order)

@@ -1,0 +1,111 @@
+"""The Trainer the fine-tuning CLI runs: ``transformers.Trainer`` with the distillation loss,
+a progress bar with loss and tokens/s, and the loss curve of every step.
+
+The teacher may sit on another device than the student: inputs are copied to it, its
+outputs copied back; it is in eval mode with ``requires_grad=False`` and runs under
+``torch.no_grad``, so it never receives gradients.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from tqdm.auto import tqdm
+from transformers import Trainer, TrainerCallback
+
+from llmprune.training.distill import hidden_state_loss, kl_divergence, mixed_loss
+
+
+class Teacher:
+    """A frozen model on ``device`` whose outputs are returned on the caller's device."""
+
+    def __init__(self, model, device):
+        self.model = model.to(device).eval().requires_grad_(False)
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, *, hidden: bool = False):
+        outputs = self.model(input_ids=input_ids.to(self.device), use_cache=False, output_hidden_states=hidden)
+        logits = outputs.logits.to(input_ids.device)
+        states = tuple(h.to(input_ids.device) for h in outputs.hidden_states) if hidden else None
+        return logits, states
+
+
+class DistillationTrainer(Trainer):
+    """``Trainer`` whose loss is ``(1 - a) * LM + a * KL(teacher || student) + b * hidden MSE``
+    (``llmprune.training.distill``). Without a teacher (or with ``a = b = 0``) it is the plain
+    Trainer loss. With gradient accumulation every term is a token sum over the accumulated
+    batch's ``num_items_in_batch``, as transformers scales the LM loss."""
+
+    def __init__(self, *args, teacher: Teacher | None = None, distill_weight: float = 0.0,
+                 distill_temp: float = 1.0, hidden_weight: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher
+        self.distill_weight = distill_weight if teacher is not None else 0.0
+        self.hidden_weight = hidden_weight if teacher is not None else 0.0
+        self.distill_temp = distill_temp
+        self._terms: dict[str, list[float]] = {}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.teacher is None or (self.distill_weight == 0.0 and self.hidden_weight == 0.0):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        hidden = self.hidden_weight > 0.0
+        kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+        outputs = model(**inputs, use_cache=False, output_hidden_states=hidden, **kwargs)
+        teacher_logits, teacher_hidden = self.teacher(inputs["input_ids"], hidden=hidden)
+        student_logits = outputs.logits[:, :-1]  # (B, L-1, V): positions that predict a token
+        if num_items_in_batch is None:
+            kl = kl_divergence(student_logits, teacher_logits[:, :-1], self.distill_temp)
+            hid = hidden_state_loss(outputs.hidden_states, teacher_hidden) if hidden else None
+        else:
+            scale = 1.0 / float(num_items_in_batch)
+            kl = kl_divergence(student_logits, teacher_logits[:, :-1], self.distill_temp, reduction="sum") * scale
+            hid = hidden_state_loss(outputs.hidden_states, teacher_hidden, reduction="sum") * scale if hidden else None
+        loss = mixed_loss(outputs.loss, kl, self.distill_weight, hid, self.hidden_weight)
+        for key, value in (("lm_loss", outputs.loss), ("kl", kl), ("hidden_mse", hid)):
+            if value is not None:
+                self._terms.setdefault(key, []).append(float(value.detach()))
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        # Each term was accumulated once per micro-batch, already divided for accumulation: sum them.
+        for key, values in self._terms.items():
+            if "loss" in logs and values:
+                steps = max(1, self.state.global_step - getattr(self, "_last_terms_step", 0))
+                logs[key] = sum(values) / steps
+        if "loss" in logs:
+            self._terms = {}
+            self._last_terms_step = self.state.global_step
+        super().log(logs, *args, **kwargs)
+
+
+class ProgressBar(TrainerCallback):
+    """One tqdm bar over the optimizer steps, with the last loss and tokens/s (it replaces
+    transformers' ProgressCallback, which prints every log line)."""
+
+    def __init__(self, tokens_per_step: int, enabled: bool = True):
+        self.tokens_per_step, self.enabled = tokens_per_step, enabled
+        self.bar = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.enabled and state.is_world_process_zero:
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="finetune", unit="step")
+        self.start, self.start_step = time.perf_counter(), state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        elapsed = time.perf_counter() - self.start
+        done = state.global_step - self.start_step
+        if logs is not None and "loss" in logs:
+            logs["tokens_per_s"] = done * self.tokens_per_step / elapsed if elapsed > 0 else 0.0
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=f"{logs['tokens_per_s']:.0f}")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
