@@ -315,7 +315,7 @@ def test_python_function_saves_a_checkpoint_with_the_recipe(pruned_dirs, tiny_ll
                                                             tmp_path, one_thread):
     result = llmprune.finetune(str(pruned_dirs["2of4"]), dataset=train_text, steps=4, seqlen=32, batch_size=2,
                                grad_accum=2, lr=1e-3, eval=eval_text, max_eval_tokens=256, device="cpu", progress=False,
-                               save=str(tmp_path / "ft"))
+                               gradient_checkpointing=True, save=str(tmp_path / "ft"))
     assert result.teacher == str(tiny_llama_dir)  # the base model recorded in the checkpoint
     assert set(result.before_ppl) == set(result.after_ppl) == {eval_text}
     meta = json.loads((tmp_path / "ft" / "llmprune.json").read_text())
@@ -389,3 +389,12 @@ def test_bad_input_gives_one_line_exit_2_and_writes_nothing(pruned_dirs, other_v
                          env=ENV, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and run.stderr.strip() == "error: --steps must be a positive integer, got 0"
     assert not (tmp_path / "s").exists()
+
+
+def test_hidden_state_term_is_zero_for_the_same_states_and_a_plain_mse_otherwise():
+    from llmprune.training.distill import hidden_state_loss
+
+    a = tuple(torch.randn(2, 5, 8) for _ in range(3))
+    assert float(hidden_state_loss(a, tuple(t.clone() for t in a))) == 0.0
+    b = tuple(t + 0.5 for t in a)  # every entry off by 0.5: MSE 0.25 per layer
+    assert float(hidden_state_loss(a, b)) == pytest.approx(0.25, rel=1e-6)

@@ -53,7 +53,7 @@ def mixed_loss(lm_loss: Tensor, kl: Tensor | None, distill_weight: float, hidden
                hidden_weight: float = 0.0) -> Tensor:
     """``(1 - a) * lm_loss + a * kl + b * hidden`` with ``a = distill_weight`` in [0, 1] and
     ``b = hidden_weight``; a term whose weight is 0 is not added (it may be None)."""
-    loss = lm_loss * (1.0 - distill_weight) if distill_weight < 1.0 else lm_loss * 0.0
+    loss = (1.0 - distill_weight) * lm_loss
     if distill_weight > 0.0:
         loss = loss + distill_weight * kl
     if hidden_weight > 0.0:

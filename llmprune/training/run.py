@@ -337,7 +337,7 @@ class _Run:
             gradient_accumulation_steps=config.grad_accum, learning_rate=config.lr, warmup_steps=config.warmup,
             weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm, seed=config.seed,
             lr_scheduler_type="linear", logging_steps=1, report_to="none", use_cpu=not cuda,
-            bf16=cuda and config.dtype == "auto", activation_checkpointing=config.gradient_checkpointing or None,
+            bf16=cuda and config.dtype == "auto", **_checkpointing_option(config.gradient_checkpointing),
             save_strategy="no" if temporary else "steps", save_steps=config.save_every or max(1, config.steps // 10),
             save_total_limit=2, dataloader_num_workers=0, disable_tqdm=not config.progress,
         )
@@ -424,6 +424,17 @@ def check_same_vocabulary(model, tokenizer, teacher, teacher_tokenizer, teacher_
         raise UsageError(f"teacher {teacher_name!r} has another vocabulary than the student ({teacher_rows} logits "
                          f"and {len(teacher_tokenizer)} tokens vs {rows} and {len(tokenizer)}): distillation needs "
                          "the same tokenizer; pass the dense base model or --teacher none")
+
+
+def _checkpointing_option(enabled: bool) -> dict:
+    """The TrainingArguments keyword that turns on gradient checkpointing: transformers 5.2x
+    renamed ``gradient_checkpointing`` to ``activation_checkpointing`` (the old name warns)."""
+    if not enabled:
+        return {}
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": True}
 
 
 @contextlib.contextmanager

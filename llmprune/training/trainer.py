@@ -46,6 +46,8 @@ class DistillationTrainer(Trainer):
         self.hidden_weight = hidden_weight if teacher is not None else 0.0
         self.distill_temp = distill_temp
         self._terms: dict[str, list[float]] = {}
+        self._scaled = True  # the terms are token sums over num_items_in_batch
+        self._last_logged_step = 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.teacher is None or (self.distill_weight == 0.0 and self.hidden_weight == 0.0):
@@ -55,6 +57,7 @@ class DistillationTrainer(Trainer):
         outputs = model(**inputs, use_cache=False, output_hidden_states=hidden, **kwargs)
         teacher_logits, teacher_hidden = self.teacher(inputs["input_ids"], hidden=hidden)
         student_logits = outputs.logits[:, :-1]  # (B, L-1, V): positions that predict a token
+        self._scaled = num_items_in_batch is not None
         if num_items_in_batch is None:
             kl = kl_divergence(student_logits, teacher_logits[:, :-1], self.distill_temp)
             hid = hidden_state_loss(outputs.hidden_states, teacher_hidden) if hidden else None
@@ -69,14 +72,15 @@ class DistillationTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict, *args, **kwargs) -> None:
-        # Each term was accumulated once per micro-batch, already divided for accumulation: sum them.
-        for key, values in self._terms.items():
-            if "loss" in logs and values:
-                steps = max(1, self.state.global_step - getattr(self, "_last_terms_step", 0))
-                logs[key] = sum(values) / steps
-        if "loss" in logs:
+        # Per micro-batch values since the last log: token sums over num_items_in_batch (they add
+        # up to the step's mean) or, without num_items_in_batch, micro-batch means (averaged).
+        if "loss" in logs and self._terms:
+            steps = max(1, self.state.global_step - self._last_logged_step)
+            for key, values in self._terms.items():
+                logs[key] = sum(values) / (steps if self._scaled else len(values))
             self._terms = {}
-            self._last_terms_step = self.state.global_step
+        if "loss" in logs:
+            self._last_logged_step = self.state.global_step
         super().log(logs, *args, **kwargs)
 
 
