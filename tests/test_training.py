@@ -323,6 +323,7 @@ def test_python_function_saves_a_checkpoint_with_the_recipe(pruned_dirs, tiny_ll
     assert ft["teacher"] == str(tiny_llama_dir) and ft["steps"] == 4 and ft["tokens_seen"] == 4 * 2 * 2 * 32
     assert ft["lr"] == 1e-3 and ft["strategy"]["schedule"] == {"kind": "constant"} and len(ft["data"]["sha256"]) == 64
     assert ft["loss"]["steps_logged"] == 4
+    assert all(row["tokens_per_s"] > 0 and row["kl"] >= 0 and row["lm_loss"] > 0 for row in result.loss_curve[1:])
     assert meta["recipe"]["method"] == "magnitude" and meta["recipe"]["pattern"] == {"kind": "nm", "n": 2, "m": 4}
     assert all(e["pattern"] == {"kind": "nm", "n": 2, "m": 4} for e in meta["pruned_weights"].values())
     assert "## Fine-tuning" in (tmp_path / "ft" / "README.md").read_text()

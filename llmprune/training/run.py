@@ -349,11 +349,11 @@ class _Run:
         trainer = DistillationTrainer(
             model=self.model, args=args, train_dataset=WindowDataset(windows, order), callbacks=[callback],
             teacher=teacher, distill_weight=config.distill_weight, distill_temp=config.distill_temp,
-            hidden_weight=config.distill_hidden,
+            hidden_weight=config.distill_hidden, tokens_per_step=config.batch_size * config.grad_accum * windows.shape[1],
         )
         trainer.remove_callback(ProgressCallback)
         trainer.remove_callback(PrinterCallback)
-        trainer.add_callback(ProgressBar(config.batch_size * config.grad_accum * windows.shape[1], config.progress))
+        trainer.add_callback(ProgressBar(config.progress))
         try:
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
             history = trainer.state.log_history

@@ -39,7 +39,7 @@ class DistillationTrainer(Trainer):
     batch's ``num_items_in_batch``, as transformers scales the LM loss."""
 
     def __init__(self, *args, teacher: Teacher | None = None, distill_weight: float = 0.0,
-                 distill_temp: float = 1.0, hidden_weight: float = 0.0, **kwargs):
+                 distill_temp: float = 1.0, hidden_weight: float = 0.0, tokens_per_step: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.teacher = teacher
         self.distill_weight = distill_weight if teacher is not None else 0.0
@@ -48,8 +48,12 @@ class DistillationTrainer(Trainer):
         self._terms: dict[str, list[float]] = {}
         self._scaled = True  # the terms are token sums over num_items_in_batch
         self._last_logged_step = 0
+        self.tokens_per_step = tokens_per_step
+        self._clock: tuple[float, int] | None = None  # (time, step) of the first loss of this process
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self._clock is None:
+            self._clock = (time.perf_counter(), self.state.global_step)
         if self.teacher is None or (self.distill_weight == 0.0 and self.hidden_weight == 0.0):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         hidden = self.hidden_weight > 0.0
@@ -81,29 +85,32 @@ class DistillationTrainer(Trainer):
             self._terms = {}
         if "loss" in logs:
             self._last_logged_step = self.state.global_step
+            if self.tokens_per_step and self._clock is not None:
+                elapsed = time.perf_counter() - self._clock[0]
+                done = self.state.global_step - self._clock[1]
+                logs["tokens_per_s"] = done * self.tokens_per_step / elapsed if elapsed > 0 else 0.0
         super().log(logs, *args, **kwargs)
 
 
 class ProgressBar(TrainerCallback):
-    """One tqdm bar over the optimizer steps, with the last loss and tokens/s (it replaces
-    transformers' ProgressCallback, which prints every log line)."""
+    """One tqdm bar over the optimizer steps, with the last loss and tokens/s (the trainer's
+    ``tokens_per_s`` log entry). It replaces transformers' ProgressCallback, which prints every
+    log line."""
 
-    def __init__(self, tokens_per_step: int, enabled: bool = True):
-        self.tokens_per_step, self.enabled = tokens_per_step, enabled
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
         self.bar = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         if self.enabled and state.is_world_process_zero:
             self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="finetune", unit="step")
-        self.start, self.start_step = time.perf_counter(), state.global_step
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        elapsed = time.perf_counter() - self.start
-        done = state.global_step - self.start_step
-        if logs is not None and "loss" in logs:
-            logs["tokens_per_s"] = done * self.tokens_per_step / elapsed if elapsed > 0 else 0.0
-            if self.bar is not None:
-                self.bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=f"{logs['tokens_per_s']:.0f}")
+        if self.bar is not None and logs is not None and "loss" in logs:
+            postfix = {"loss": f"{logs['loss']:.4f}"}
+            if "tokens_per_s" in logs:
+                postfix["tok_s"] = f"{logs['tokens_per_s']:.0f}"
+            self.bar.set_postfix(postfix)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.bar is not None:
