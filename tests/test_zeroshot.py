@@ -113,7 +113,9 @@ def test_cli_writes_task_accuracy_to_results_checkpoint_and_model_card(tiny_llam
     from huggingface_hub import ModelCard
 
     out, results = tmp_path / "pruned", tmp_path / "results.json"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    # One thread: on the busy 2-core machine lm-eval's many small forwards with 2 threads made
+    # this run take over 600 s instead of ~40 s (thread oversubscription; see conftest.one_thread).
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "llmprune.wanda", "--model", str(tiny_llama_dir), "--pattern", "2:4", "--dataset", "ptb",
          "--eval", "ptb", "--nsamples", "4", "--seqlen", "32", "--max-eval-tokens", "512", "--device", "cpu",
@@ -152,7 +154,7 @@ def test_cli_writes_task_accuracy_to_results_checkpoint_and_model_card(tiny_llam
     assert "| offline_ptb_nextsent | 1.0 |" in card.text
 
 
-def test_no_dense_eval_and_few_shot_pass_through(tiny_llama_dir):
+def test_no_dense_eval_and_few_shot_pass_through(tiny_llama_dir, one_thread):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
@@ -206,8 +208,8 @@ def test_bad_eval_tasks_fail_in_one_line_before_pruning(tiny_llama_dir, tmp_path
     elif setup == "unreachable":
         _unreachable_hub(monkeypatch)
     out, results = tmp_path / "pruned", tmp_path / "results.json"
-    code = main("sparsegpt", ["--model", str(tiny_llama_dir), "--pattern", "2:4", "--eval-tasks", tasks, *extra, "--save", str(out),
-                              "--results", str(results), "--device", "cpu", "--no-progress"])
+    code = main("sparsegpt", ["--model", str(tiny_llama_dir), "--pattern", "2:4", "--eval-tasks", tasks, *extra,
+                              "--save", str(out), "--results", str(results), "--device", "cpu", "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and expected in err, err

@@ -68,6 +68,7 @@ MIN_LM_EVAL = (0, 4, 13)
 INSTALL_HINT = "pip install llmprune[eval]"
 # `datasets` builders that read local files; any other dataset_path is a Hub dataset id.
 _FILE_BUILDERS = {"json", "csv", "parquet", "text", "arrow", "pandas"}
+ACCURACY_KEYS = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")  # read as lm-eval's "<key>,none"
 
 
 def _opt(default, help: str):
@@ -82,7 +83,8 @@ class ZeroShotOptions:
         None, "comma-separated lm-eval tasks to score the dense and the pruned model on (accuracy), e.g. "
         "'offline' (tasks shipped with llmprune, no network) or 'boolq,arc_easy'; needs pip install llmprune[eval]"
     )
-    eval_tasks_limit: int | None = _opt(None, "evaluate at most this many documents per --eval-tasks task (the first N)")
+    eval_tasks_limit: int | None = _opt(None,
+                                        "evaluate at most this many documents per --eval-tasks task (the first N)")
     eval_batch_size: int = _opt(1, "batch size of the --eval-tasks evaluation")
     num_fewshot: int = _opt(0, "few-shot examples per --eval-tasks document (0: zero-shot)")
 
@@ -198,6 +200,8 @@ def evaluate_tasks(model, tokenizer, tasks: TaskSet | str, *, limit: int | None 
     Returns the plain dict described in the module docstring."""
     if isinstance(tasks, str):
         tasks = prepare_tasks(ZeroShotOptions(eval_tasks=tasks))
+    if tasks is None:
+        raise UsageError("evaluate_tasks needs task names, e.g. 'offline'")
     options = dataclasses.replace(
         tasks.options,
         eval_tasks_limit=tasks.options.eval_tasks_limit if limit is None else limit,
@@ -209,15 +213,22 @@ def evaluate_tasks(model, tokenizer, tasks: TaskSet | str, *, limit: int | None 
     from lm_eval.models.huggingface import HFLM
 
     was_training = model.training
-    lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=options.eval_batch_size,
-              add_bos_token=add_bos)
+    # lm-eval warns on every call about things that are intended here (a model object instead
+    # of a name, num_fewshot set from the CLI): shown with --log-level INFO only.
+    lm_eval_logger = logging.getLogger("lm_eval")
+    level = lm_eval_logger.level
+    if not logger.isEnabledFor(logging.INFO):
+        lm_eval_logger.setLevel(logging.ERROR)
     try:
+        lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=options.eval_batch_size,
+                  add_bos_token=add_bos)
         output = simple_evaluate(
             model=lm, tasks=tasks.names, task_manager=tasks.manager, num_fewshot=options.num_fewshot,
             limit=options.eval_tasks_limit, log_samples=False,
             random_seed=None, numpy_random_seed=None, torch_random_seed=None,
         )
     finally:
+        lm_eval_logger.setLevel(level)
         model.train(was_training)
     return summarize(output, tasks.names, options)
 
@@ -246,7 +257,7 @@ def accuracy_rows(summary: dict) -> list[dict]:
         n = (summary.get("n-samples") or {}).get(task, {}).get("effective")
         rows.append({
             "task": task,
-            **{key: _number(metrics.get(f"{key},none")) for key in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")},
+            **{key: _number(metrics.get(f"{key},none")) for key in ACCURACY_KEYS},
             "n": n,
         })
     return rows
