@@ -97,7 +97,9 @@ def test_model_trained_on_the_answers_beats_a_random_one(one_thread):
     trained = {r["task"]: r for r in zeroshot.accuracy_rows(summary)}
 
     assert summary["n-samples"]["offline_wiki_cloze"] == {"original": 152, "effective": limit}
-    assert summary["versions"]["offline_ptb_nextsent"] == 1.0 and summary["lm_eval_version"] == "0.4.13"
+    import lm_eval
+
+    assert summary["versions"]["offline_ptb_nextsent"] == 1.0 and summary["lm_eval_version"] == lm_eval.__version__
     # A random model almost never produces the exact word greedily and picks 1 of 4 at chance.
     assert random_scores["offline_wiki_cloze"]["acc"] <= 2 / limit
     assert trained["offline_wiki_cloze"]["acc"] >= 0.75
