@@ -9,6 +9,12 @@ model loaded once (dense weights restored between calls); the dense model is eva
 first call only. Results are rewritten after every configuration (JSON, Markdown, SVG plot).
 
     python evals/zeroshot_table.py --limit 30 --out evals/results/zeroshot_smollm2-2026-12-02.json
+
+Split over processes (each single-threaded), then merged:
+
+    python evals/zeroshot_table.py --methods magnitude,wanda --out /tmp/a.json &
+    python evals/zeroshot_table.py --methods sparsegpt --no-dense --threads 1 --out /tmp/b.json; wait
+    python evals/zeroshot_table.py --combine /tmp/a.json /tmp/b.json --out evals/results/zeroshot_smollm2-2026-12-02.json
 """
 
 from __future__ import annotations
@@ -105,9 +111,17 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--patterns", default=",".join(PATTERNS))
     parser.add_argument("--machine", default=f"this 2-core {platform.machine()} CPU, shared with two other jobs")
+    parser.add_argument("--no-dense", action="store_true", help="skip the dense evaluation")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--combine", nargs="+", default=None, help="merge the JSON files of split runs")
     parser.add_argument("--out", default="evals/results/zeroshot_smollm2-2026-12-02.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.combine:
+        combine(args.combine, args.out)
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     started = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype="float32")
@@ -123,11 +137,11 @@ def main() -> None:
                      "eval_tasks": args.tasks, "eval_tasks_limit": args.limit, "num_fewshot": 0,
                      "eval_batch_size": args.batch_size},
         "command": "python evals/zeroshot_table.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("machine",)),
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("machine", "combine")),
         "versions": library_versions(),
         "rows": [],
     }
-    first = True
+    first = not args.no_dense
     for method in args.methods.split(","):
         for label in args.patterns.split(","):
             pattern, sparsity = PATTERNS[label]
@@ -150,6 +164,21 @@ def main() -> None:
             print(f"{method:10s} {label:4s} ppl {last['ppl']:9.2f} "
                   + " ".join(f"{t}/{m} {cell(last, t, m)}" for t, m in COLUMNS)
                   + f"  ({payload['wall_seconds']:.0f} s so far)", flush=True)
+    print(payload["markdown"])
+
+
+def combine(paths: list[str], out: str) -> None:
+    import json
+
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    if any(part["protocol"] != parts[0]["protocol"] for part in parts):
+        raise SystemExit("cannot combine runs with different protocols")
+    order = {m: i for i, m in enumerate(("dense",) + METHODS)}
+    rows = sorted((row for part in parts for row in part["rows"]),
+                  key=lambda r: (order[r["method"]], list(PATTERNS).index(r["pattern"]) if r["pattern"] in PATTERNS else -1))
+    payload = {**parts[0], "rows": rows, "parts": [{"command": p["command"], "machine": p["machine"],
+                                                    "wall_seconds": p.get("wall_seconds")} for p in parts]}
+    write(payload, out)
     print(payload["markdown"])
 
 
