@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from llmprune.evaluation.zeroshot import option_field as zeroshot_field
 
 
 def _opt(default, help: str, **extra):
@@ -34,7 +35,12 @@ class PruneConfig:
     eval: str = _opt("wikitext2", "comma-separated evaluation sources (same kinds as --dataset), or 'none'")
     eval_seqlen: int | None = _opt(None, "evaluation window length (default: --seqlen)")
     max_eval_tokens: int | None = _opt(None, "evaluate at most this many tokens per source (whole windows)")
-    dense_eval: bool = _opt(True, "also evaluate the dense model before pruning")
+    dense_eval: bool = _opt(True, "also evaluate the dense model before pruning (perplexity and --eval-tasks)")
+    # Zero-shot tasks through lm-eval: the same four fields in every entry point (llmprune.evaluation.zeroshot).
+    eval_tasks: str | None = zeroshot_field("eval_tasks")
+    eval_tasks_limit: int | None = zeroshot_field("eval_tasks_limit")
+    eval_batch_size: int = zeroshot_field("eval_batch_size")
+    num_fewshot: int = zeroshot_field("num_fewshot")
     save: str | None = _opt(None, "write the pruned checkpoint (safetensors) to this folder")
     overwrite: bool = _opt(False, "allow --save into an existing non-empty folder (replaced atomically)")
     save_format: str = _opt(

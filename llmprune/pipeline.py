@@ -23,7 +23,7 @@ from llmprune.checkpoints.files import check_output_dir, write_json_atomic
 from llmprune.checkpoints.save import check_save_format, library_versions, save_checkpoint
 from llmprune.config import PruneConfig
 from llmprune.errors import UsageError, check_int
-from llmprune.evaluation import perplexity
+from llmprune.evaluation import perplexity, zeroshot
 from llmprune.models.architecture import check_pattern_fits, find_decoder_layers
 from llmprune.oneshot.loop import LayerLoop, Stream
 from llmprune.oneshot.methods import Method, get_method, option_fields
@@ -48,6 +48,9 @@ class PruneResult:
     layers: list[LayerReport]
     dense_ppl: dict[str, perplexity.PerplexityResult] = field(default_factory=dict)
     pruned_ppl: dict[str, perplexity.PerplexityResult] = field(default_factory=dict)
+    # --eval-tasks: llmprune.evaluation.zeroshot.evaluate_tasks' dicts ({} when not measured)
+    dense_zeroshot: dict = field(default_factory=dict)
+    pruned_zeroshot: dict = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     seqlen: int = 0
     calibration_sha256: str | None = None
@@ -83,6 +86,8 @@ class PruneResult:
                 "sparsity": self.sparsity,
                 "dense_ppl": ppl(self.dense_ppl),
                 "pruned_ppl": ppl(self.pruned_ppl),
+                "dense_zeroshot": self.dense_zeroshot,
+                "pruned_zeroshot": self.pruned_zeroshot,
                 "seconds": self.seconds,
                 "peak_memory": self.peak_memory,
             },
@@ -105,6 +110,10 @@ def prune(
     eval_seqlen: int | None = None,
     max_eval_tokens: int | None = None,
     dense_eval: bool = True,
+    eval_tasks: str | None = None,
+    eval_tasks_limit: int | None = None,
+    eval_batch_size: int = 1,
+    num_fewshot: int = 0,
     save: str | None = None,
     overwrite: bool = False,
     save_format: str = "dense",
@@ -137,6 +146,11 @@ def prune(
     set for another method they are ignored with a warning. Raises
     :class:`llmprune.errors.UsageError` for bad input, before any work.
 
+    ``eval_tasks`` (e.g. ``"offline"`` or ``"boolq,arc_easy"``) scores the dense model (unless
+    ``dense_eval=False``) and the pruned one with lm-evaluation-harness, in memory
+    (:mod:`llmprune.evaluation.zeroshot`); the task names and their data are checked before
+    the model is loaded.
+
     With ``offload="disk"`` the model is never whole in memory: layers are read from the
     shards while processed, perplexity is computed from hidden states propagated layer by
     layer next to the calibration data, and the checkpoint is assembled from the work folder.
@@ -151,13 +165,15 @@ def prune(
         raise UsageError("--offload disk reads the model from its files; it cannot prune a model passed as loaded_model=")
     if loaded_model is not None and tokenizer is None:
         raise UsageError("prune(loaded_model=...) also needs tokenizer=")
+    tasks = zeroshot.prepare_tasks(zeroshot.ZeroShotOptions.from_config(config))  # reads the tasks' data
     group, device_name = distributed.init_process_group(config.device)
     try:
         if group.active and config.nsamples < group.world_size:
             raise UsageError(f"--nsamples {config.nsamples} cannot be shared among {group.world_size} processes: "
                              f"use --nsamples >= {group.world_size}")
         placement = OnDisk() if config.offload == "disk" else InMemory(loaded_model, tokenizer)
-        run = _Run(config, pattern_value, chosen, group, devices.resolve_device(device_name), placement)
+        run = _Run(config, pattern_value, chosen, group, devices.resolve_device(device_name), placement,
+                   tasks if group.is_main else None)  # rank 0 evaluates
         result = run.execute()
         group.barrier()  # rank 0 has saved before any rank returns
         return result
@@ -184,6 +200,10 @@ def _validate(config: PruneConfig) -> Pattern:
     if config.offload_activations not in OFFLOAD_ACTIVATIONS:
         raise UsageError(f"--offload-activations must be one of {', '.join(OFFLOAD_ACTIVATIONS)}, "
                          f"got {config.offload_activations!r}")
+    if config.eval_tasks is not None and config.offload == "disk":
+        raise UsageError("--eval-tasks runs lm-eval on the whole model in memory, which --offload disk never holds: "
+                         "use --offload cpu, or evaluate the saved checkpoint (llmprune.evaluation.zeroshot.evaluate_tasks)")
+    zeroshot.check_options(zeroshot.ZeroShotOptions.from_config(config))
     if config.resume and config.work_dir is None:
         raise UsageError("--resume needs --work-dir: the folder of the run to continue")
     data.check_disjoint(config.dataset, config.eval_sources)
@@ -216,6 +236,8 @@ class InMemory:
     def evaluate_dense(self, run: _Run) -> None:
         if run.config.dense_eval and run.eval_tokens:
             run.result.dense_ppl = run.evaluate_whole("dense")
+        if run.config.dense_eval and run.tasks is not None:
+            run.result.dense_zeroshot = run.evaluate_tasks("dense")
 
     def eval_streams(self, run: _Run) -> list[Stream]:
         return []
@@ -229,6 +251,8 @@ class InMemory:
     def evaluate_pruned(self, run: _Run, streams: list[Stream]) -> None:
         if run.eval_tokens:
             run.result.pruned_ppl = run.evaluate_whole("pruned")
+        if run.tasks is not None:
+            run.result.pruned_zeroshot = run.evaluate_tasks("pruned")
 
     def layer_files(self, run: _Run):
         return None
@@ -306,9 +330,10 @@ class OnDisk:
 class _Run:
     """One process's run (rank ``group.rank`` of a torchrun job): the stages of :func:`prune`."""
 
-    def __init__(self, config: PruneConfig, pattern: Pattern, method: Method, group, device: torch.device, placement):
+    def __init__(self, config: PruneConfig, pattern: Pattern, method: Method, group, device: torch.device, placement,
+                 tasks: zeroshot.TaskSet | None = None):
         self.config, self.pattern, self.method, self.group, self.device = config, pattern, method, group, device
-        self.placement = placement
+        self.placement, self.tasks = placement, tasks
         self.seconds: dict[str, float] = {}
         self.stores: list[HiddenStates] = []
         self.work: WorkDir | None = None
@@ -409,7 +434,7 @@ class _Run:
             self.seconds[f"layers_{phase}"] = sum(layer.seconds.get(phase, 0.0) for layer in new_reports)
 
     def evaluate(self) -> None:
-        """Perplexity of the pruned model (and the dense one, where it was streamed)."""
+        """Perplexity and --eval-tasks of the pruned model (and the dense perplexity, where it was streamed)."""
         self.placement.evaluate_pruned(self, self.streams)
         devices.move_all_but_layers(self.model, self.layers, torch.device("cpu"))
         self.close_stores()
@@ -477,6 +502,16 @@ class _Run:
             self.model.to("cpu")
         self.seconds[f"eval_{label}"] = time.perf_counter() - start
         return results
+
+    def evaluate_tasks(self, label: str) -> dict:
+        """--eval-tasks on the whole model, moved to the compute device and back."""
+        start = time.perf_counter()
+        with devices.explain_out_of_memory(f"running --eval-tasks on the {label} model"):
+            self.model.to(self.device)
+            summary = zeroshot.evaluate_tasks(self.model, self.tokenizer, self.tasks, add_bos=self.add_bos or None)
+            self.model.to("cpu")
+        self.seconds[f"eval_tasks_{label}"] = time.perf_counter() - start
+        return summary
 
 
 def default_results_path(model: str, method: str, pattern: str, sparsity: float | None) -> str:

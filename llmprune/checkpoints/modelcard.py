@@ -4,7 +4,8 @@ The card is a pure function of the folder's ``llmprune.json`` (plus the repo id,
 is known): :func:`write_card` can rebuild it at any time, and ``push_to_hub`` does so to
 fill in the repo id. The YAML front matter is produced with ``huggingface_hub``'s
 ``ModelCardData`` (``base_model``, ``library_name``, ``license``, ``tags``,
-``pipeline_tag``, ``model-index`` with the perplexities), so the Hub parses it back.
+``pipeline_tag``, ``model-index`` with the perplexities and the ``--eval-tasks`` accuracies),
+so the Hub parses it back.
 A card whose marker line was removed by hand is never overwritten.
 """
 
@@ -202,6 +203,7 @@ def card_data(meta: dict, name: str):
             metric_type="perplexity", metric_value=round(float(r["ppl"]), 4),
             metric_name=f"Perplexity (seqlen {r['seqlen']}, {r['n_tokens']} tokens)",
         ))
+    evals += _task_evals(results.get("pruned_zeroshot") or {})
     dense = meta.get("format") != "llmprune-compressed"
     return ModelCardData(
         base_model=base.get("hub_id"),
@@ -212,6 +214,64 @@ def card_data(meta: dict, name: str):
         model_name=name,
         eval_results=evals or None,
     )
+
+
+def _task_evals(summary: dict) -> list:
+    """model-index entries for an lm-eval summary (``llmprune.evaluation.zeroshot``): one per
+    task and metric (``acc``, ``acc_norm``); the metric name records shots, documents and the
+    lm-eval version, since model-index has no field for them."""
+    from huggingface_hub import EvalResult
+
+    from llmprune.evaluation.zeroshot import accuracy_rows
+
+    evals = []
+    for row in accuracy_rows(summary):
+        for metric, pretty in (("acc", "Accuracy"), ("acc_norm", "Normalized accuracy")):
+            if row[metric] is None:
+                continue
+            stderr = f" +- {row[metric + '_stderr']:.4f}" if row[metric + "_stderr"] is not None else ""
+            documents = f", {row['n']} documents" if row["n"] is not None else ""
+            evals.append(EvalResult(
+                task_type="text-generation", task_name="Text Generation",
+                dataset_type=row["task"], dataset_name=row["task"], dataset_split="test",
+                metric_type=metric, metric_value=round(row[metric], 4),
+                metric_name=f"{pretty} ({summary['num_fewshot']}-shot{documents}, stderr{stderr}, "
+                            f"lm-eval {summary['lm_eval_version']})",
+            ))
+    return evals
+
+
+def _tasks_table(meta: dict) -> list[str]:
+    results = meta.get("results") or {}
+    dense, pruned = results.get("dense_zeroshot") or {}, results.get("pruned_zeroshot") or {}
+    if not dense and not pruned:
+        return []
+    from llmprune.evaluation.zeroshot import accuracy_rows
+
+    def cell(row, key):
+        if row is None or row[key] is None:
+            return "-"
+        stderr = row[f"{key}_stderr"]
+        return f"{row[key]:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
+
+    dense_rows = {r["task"]: r for r in accuracy_rows(dense)}
+    pruned_rows = {r["task"]: r for r in accuracy_rows(pruned)}
+    summary = pruned or dense
+    lines = [
+        "",
+        f"Zero-shot tasks (lm-evaluation-harness {summary['lm_eval_version']}, {summary['num_fewshot']}-shot"
+        + (f", at most {summary['limit']} documents per task" if summary.get("limit") else "") + "):",
+        "",
+        "| task | version | dense acc | pruned acc | dense acc_norm | pruned acc_norm | documents |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    versions = summary.get("versions") or {}
+    for task in dict.fromkeys([*dense_rows, *pruned_rows]):
+        d, p = dense_rows.get(task), pruned_rows.get(task)
+        n = (p or d)["n"]
+        lines.append(f"| {task} | {versions.get(task, '-')} | {cell(d, 'acc')} | {cell(p, 'acc')} | "
+                     f"{cell(d, 'acc_norm')} | {cell(p, 'acc_norm')} | {'-' if n is None else n} |")
+    return lines
 
 
 def _results_table(meta: dict) -> list[str]:
@@ -355,6 +415,7 @@ def render_card(meta: dict, *, name: str, repo_id: str | None = None) -> str:
         "## Results",
         "",
         *_results_table(meta),
+        *_tasks_table(meta),
         "",
         "## Size",
         "",
