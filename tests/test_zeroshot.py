@@ -156,6 +156,35 @@ def test_cli_writes_task_accuracy_to_results_checkpoint_and_model_card(tiny_llam
     assert "| offline_ptb_nextsent | 1.0 |" in card.text
 
 
+def test_finetune_scores_tasks_before_and_after_into_checkpoint_and_card(tiny_llama_dir, tmp_path, monkeypatch,
+                                                                        one_thread):
+    from huggingface_hub import ModelCard
+
+    from llmprune.cli.finetune import format_table
+
+    result = llmprune.finetune(str(tiny_llama_dir), teacher="none", dataset="ptb", steps=2, seqlen=32, batch_size=2,
+                               lr=1e-3, eval="none", device="cpu", progress=False, eval_tasks="offline_wiki_cloze",
+                               eval_tasks_limit=4, save=str(tmp_path / "ft"))
+    for summary in (result.before_zeroshot, result.after_zeroshot):
+        assert summary["tasks"] == ["offline_wiki_cloze"] and summary["limit"] == 4
+        assert 0.0 <= summary["results"]["offline_wiki_cloze"]["acc,none"] <= 1.0
+    assert "after offline_wiki_cloze" in format_table(result) and "before offline_wiki_cloze" in format_table(result)
+    meta = json.loads((tmp_path / "ft" / "llmprune.json").read_text())
+    assert meta["results"]["pruned_zeroshot"] == result.after_zeroshot
+    assert meta["results"]["before_finetune_zeroshot"] == result.before_zeroshot
+    card = ModelCard.load(tmp_path / "ft" / "README.md")
+    found = {(r.dataset_type, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert found[("offline_wiki_cloze", "acc")] == round(result.after_zeroshot["results"]["offline_wiki_cloze"]["acc,none"], 4)
+    # a bad task name fails before the model is loaded, and nothing is written
+    import llmprune.models.loader as loader
+
+    monkeypatch.setattr(loader, "load_model", lambda *a, **k: pytest.fail("loaded before the task check"))
+    with pytest.raises(llmprune.UsageError, match="no_such_task"):
+        llmprune.finetune(str(tiny_llama_dir), dataset="ptb", steps=2, eval_tasks="no_such_task",
+                          save=str(tmp_path / "never"))
+    assert not (tmp_path / "never").exists()
+
+
 def test_no_dense_eval_and_few_shot_pass_through(tiny_llama_dir, one_thread):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

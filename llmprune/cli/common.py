@@ -34,6 +34,34 @@ def add_field_flag(parser: argparse.ArgumentParser, f: dataclasses.Field, help_t
         )
 
 
+def aligned(rows: list[tuple[str, ...]]) -> list[str]:
+    """Rows of cells as left-aligned text columns (trailing spaces stripped)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+
+
+def format_task_rows(summaries: list[tuple[str, dict]]) -> list[str]:
+    """The --eval-tasks lines of a final table: accuracy and normalised accuracy (each +-
+    stderr) per task, for each ``(label, llmprune.evaluation.zeroshot summary)``; no lines when
+    every summary is empty (not measured)."""
+    from llmprune.evaluation.zeroshot import accuracy_rows
+
+    def cell(row, key):
+        value, stderr = row[key], row[f"{key}_stderr"]
+        return "-" if value is None else f"{value:.4f}" + (f" +- {stderr:.4f}" if stderr is not None else "")
+
+    rows = [("", "acc", "acc_norm", "documents")]
+    for label, summary in summaries:
+        for row in accuracy_rows(summary):
+            rows.append((f"{label} {row['task']}", cell(row, "acc"), cell(row, "acc_norm"),
+                         "-" if row["n"] is None else str(row["n"])))
+    if len(rows) == 1:
+        return []
+    summary = next(s for _, s in reversed(summaries) if s)
+    return ["", *aligned(rows), f"lm-eval {summary['lm_eval_version']}, {summary['num_fewshot']}-shot"
+            + (f", at most {summary['limit']} documents per task" if summary["limit"] else "")]
+
+
 def add_log_level(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
 

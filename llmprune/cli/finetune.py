@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from llmprune.cli.common import add_field_flag, add_log_level, run_reporting_errors, setup_logging
+from llmprune.cli.common import add_field_flag, add_log_level, aligned, format_task_rows, run_reporting_errors, setup_logging
 from llmprune.training.config import FinetuneConfig
 
 
@@ -27,8 +27,8 @@ def format_table(result) -> str:
     for label, results in (("before", result.before_ppl), ("after", result.after_ppl)):
         for name, r in results.items():
             rows.append((f"{label} {name}", f"{r.ppl:.3f}", str(r.n_tokens), str(r.seqlen)))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines = aligned(rows)
+    lines += format_task_rows([("before", result.before_zeroshot), ("after", result.after_zeroshot)])
     loss = result.loss_summary()
     if loss:
         lines.append(f"loss: first {loss['first']:.4f}, last {loss['last']:.4f}, min {loss['min']:.4f}")

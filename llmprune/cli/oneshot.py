@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from llmprune.cli.common import add_field_flag, add_log_level, run_reporting_errors, setup_logging
+from llmprune.cli.common import add_field_flag, add_log_level, aligned, format_task_rows, run_reporting_errors, setup_logging
 from llmprune.config import PruneConfig
 from llmprune.oneshot.methods import METHODS, option_fields, owners
 
@@ -42,36 +42,11 @@ def _format_table(result) -> str:
         rows.append((f"dense {name}", f"{res.ppl:.3f}", str(res.n_tokens), str(res.seqlen)))
     for name, res in result.pruned_ppl.items():
         rows.append((f"pruned {name}", f"{res.ppl:.3f}", str(res.n_tokens), str(res.seqlen)))
-    lines = _aligned(rows)
-    lines += _format_tasks(result)
+    lines = aligned(rows)
+    lines += format_task_rows([("dense", result.dense_zeroshot), ("pruned", result.pruned_zeroshot)])
     lines.append(f"method {result.config.method}, pattern {result.pattern}, measured sparsity {result.sparsity:.4f}")
     lines.append("time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))
     return "\n".join(lines)
-
-
-def _aligned(rows: list[tuple[str, ...]]) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-
-
-def _format_tasks(result) -> list[str]:
-    """The --eval-tasks rows: accuracy and normalised accuracy (each +- stderr) per task."""
-    from llmprune.evaluation.zeroshot import accuracy_rows
-
-    def cell(row, key):
-        value, stderr = row[key], row[f"{key}_stderr"]
-        return "-" if value is None else f"{value:.4f}" + (f" +- {stderr:.4f}" if stderr is not None else "")
-
-    rows = [("", "acc", "acc_norm", "documents")]
-    for label, summary in (("dense", result.dense_zeroshot), ("pruned", result.pruned_zeroshot)):
-        for row in accuracy_rows(summary):
-            rows.append((f"{label} {row['task']}", cell(row, "acc"), cell(row, "acc_norm"),
-                         "-" if row["n"] is None else str(row["n"])))
-    if len(rows) == 1:
-        return []
-    summary = result.pruned_zeroshot or result.dense_zeroshot
-    return ["", *_aligned(rows), f"lm-eval {summary['lm_eval_version']}, {summary['num_fewshot']}-shot"
-            + (f", at most {summary['limit']} documents per task" if summary["limit"] else "")]
 
 
 def main(method: str | None = None, argv: list[str] | None = None) -> int:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from llmprune.evaluation.zeroshot import option_field as zeroshot_field
+
 SCHEDULES = ("constant", "cubic")
 
 
@@ -54,6 +56,11 @@ class FinetuneConfig:
     eval_seqlen: int | None = _opt(None, "evaluation window length (default: --seqlen)")
     max_eval_tokens: int | None = _opt(None, "evaluate at most this many tokens per source (whole windows)")
     eval_before: bool = _opt(True, "also evaluate the model before fine-tuning")
+    # Zero-shot tasks through lm-eval: the same four fields in every entry point (llmprune.evaluation.zeroshot).
+    eval_tasks: str | None = zeroshot_field("eval_tasks")
+    eval_tasks_limit: int | None = zeroshot_field("eval_tasks_limit")
+    eval_batch_size: int = zeroshot_field("eval_batch_size")
+    num_fewshot: int = zeroshot_field("num_fewshot")
     save: str | None = _opt(None, "write the fine-tuned checkpoint to this folder")
     overwrite: bool = _opt(False, "allow --save into an existing non-empty folder (replaced atomically)")
     save_format: str = _opt("dense", "checkpoint format: dense (plain Hugging Face folder) or compressed")
@@ -80,5 +87,6 @@ class FinetuneConfig:
 
 
 # Options that do not change the trained weights: a resumed run may differ in them.
-NOT_RECIPE = ("eval", "eval_seqlen", "max_eval_tokens", "eval_before", "save", "overwrite", "save_format",
+NOT_RECIPE = ("eval", "eval_seqlen", "max_eval_tokens", "eval_before", "eval_tasks", "eval_tasks_limit",
+              "eval_batch_size", "num_fewshot", "save", "overwrite", "save_format",
               "results", "work_dir", "resume", "save_every", "progress", "teacher_device", "device")

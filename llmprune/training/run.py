@@ -37,6 +37,9 @@ class FinetuneResult:
     pattern: Pattern | None
     before_ppl: dict = field(default_factory=dict)
     after_ppl: dict = field(default_factory=dict)
+    # --eval-tasks: llmprune.evaluation.zeroshot.evaluate_tasks' dicts ({} when not measured)
+    before_zeroshot: dict = field(default_factory=dict)
+    after_zeroshot: dict = field(default_factory=dict)
     loss_curve: list[dict] = field(default_factory=list)
     sparsity: float = 0.0
     tokens_seen: int = 0
@@ -71,7 +74,8 @@ class FinetuneResult:
             return {name: r.__dict__ for name, r in results.items()}
 
         return {"finetune": self.recipe(), "sparsity": self.sparsity, "before_ppl": ppl(self.before_ppl),
-                "after_ppl": ppl(self.after_ppl), "loss_curve": self.loss_curve, "seconds": self.seconds,
+                "after_ppl": ppl(self.after_ppl), "before_zeroshot": self.before_zeroshot,
+                "after_zeroshot": self.after_zeroshot, "loss_curve": self.loss_curve, "seconds": self.seconds,
                 "resumed_from_step": self.resumed_from_step}
 
 
@@ -85,7 +89,10 @@ def finetune(model: str | None = None, **options) -> FinetuneResult:
         raise UsageError(f"unknown option {unknown[0]!r} of finetune(); valid: {', '.join(sorted(known))}")
     config = FinetuneConfig(model=model, **options)
     _validate(config)
-    return _Run(config).execute()
+    from llmprune.evaluation import zeroshot
+
+    tasks = zeroshot.prepare_tasks(zeroshot.ZeroShotOptions.from_config(config))  # names, lm-eval, network, data
+    return _Run(config, tasks).execute()
 
 
 def _validate(config: FinetuneConfig) -> None:
@@ -192,9 +199,26 @@ def evaluate(model, tokenizer, config: FinetuneConfig, device: torch.device, tok
     return results
 
 
+def evaluate_tasks(model, tokenizer, tasks, device: torch.device) -> dict:
+    """``--eval-tasks`` (a prepared ``zeroshot.TaskSet``, or None: ``{}``) on ``model``, moved
+    to ``device`` and back to where it was."""
+    from llmprune.calibration import data
+    from llmprune.evaluation import zeroshot
+
+    if tasks is None:
+        return {}
+    where = next(model.parameters()).device
+    model.to(device)
+    try:
+        return zeroshot.evaluate_tasks(model, tokenizer, tasks, add_bos=data.needs_bos(tokenizer) or None)
+    finally:
+        model.to(where)
+
+
 class _Run:
-    def __init__(self, config: FinetuneConfig):
+    def __init__(self, config: FinetuneConfig, tasks=None):
         self.config = config
+        self.tasks = tasks  # prepared --eval-tasks (llmprune.evaluation.zeroshot.TaskSet) or None
         self.seconds: dict[str, float] = {}
 
     def execute(self) -> FinetuneResult:
@@ -215,6 +239,7 @@ class _Run:
         if config.eval_before:
             start = time.perf_counter()
             result.before_ppl = evaluate(self.model, self.tokenizer, config, self.device, eval_tokens)
+            result.before_zeroshot = evaluate_tasks(self.model, self.tokenizer, self.tasks, self.device)
             self.seconds["eval_before"] = time.perf_counter() - start
         start = time.perf_counter()
         result.loss_curve, result.resumed_from_step = self.train(masks, strategy, windows, order)
@@ -223,6 +248,7 @@ class _Run:
         result.sparsity = masks.sparsity() if masks.masks else 0.0
         start = time.perf_counter()
         result.after_ppl = evaluate(self.model, self.tokenizer, config, self.device, eval_tokens)
+        result.after_zeroshot = evaluate_tasks(self.model, self.tokenizer, self.tasks, self.device)
         self.seconds["eval_after"] = time.perf_counter() - start
         result.seconds = self.seconds
         self.save(result, masks)
@@ -404,7 +430,8 @@ class _Run:
         recipe.setdefault("method", strategy_method(result))
         results = {**(self.meta.get("results") or {}), "sparsity": result.sparsity,
                    "before_finetune_ppl": {n: r.__dict__ for n, r in result.before_ppl.items()},
-                   "pruned_ppl": {n: r.__dict__ for n, r in result.after_ppl.items()}}
+                   "pruned_ppl": {n: r.__dict__ for n, r in result.after_ppl.items()},
+                   "before_finetune_zeroshot": result.before_zeroshot, "pruned_zeroshot": result.after_zeroshot}
         metadata = {"recipe": recipe, "results": results, "layers": masks.report()}
         base = self.meta.get("base_model") or base_model_info(config.model, online=False)
         declared = {name: pattern for name in masks.masks}
