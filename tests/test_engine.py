@@ -186,6 +186,24 @@ def test_shared_inputs_share_one_statistic_and_groups_follow_call_order():
     assert all(stat.n_samples == 3 for stat in created)
 
 
+def test_one_hessian_factorisation_per_shared_input():
+    # q/k/v share one factorisation, gate/up another: 4 per Llama layer, not 7.
+    model = build("llama")
+    _, layers = find_decoder_layers(model)
+    captured = capture_layer_calls(model, layers, tokens(3), torch.device("cpu"), show_progress=False)
+    method = METHODS["sparsegpt"]
+    factorised = []
+
+    def counting_prepare(hessian, config, device):
+        factorised.append(hessian.shape[0])
+        return method.prepare(hessian, config, device)
+
+    counting = dataclasses.replace(method, prepare=counting_prepare)
+    reports = LayerLoop(layers, counting, Unstructured(0.5), torch.device("cpu"), show_progress=False).run(captured)
+    assert len(factorised) == 4 * len(layers)
+    assert all(len(r.matrices) == 7 for r in reports)
+
+
 def test_true_sequential_adds_one_forward_per_group_and_differs():
     ids = tokens()
     results = {}

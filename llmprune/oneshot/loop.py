@@ -209,16 +209,24 @@ class LayerLoop:
                 names = ", ".join(m.name for m in members)
                 raise ValueError(f"layer {index} {names}: the calibration statistic overflowed to Inf/NaN "
                                  "(activations too large for fp32 sums)")
-            for matrix in members:
-                if statistic is None:
-                    continue  # routed no tokens on any rank: left dense (check_all_seen warns)
+            if statistic is None:
+                continue  # routed no tokens on any rank: left dense (check_all_seen warns)
+            prepared = None
+            if self._is_main:  # only rank 0 solves
                 try:
-                    report.matrices.append(self._solve_matrix(index, matrix, statistic))
+                    prepared = self.method.prepared(statistic, self.config, self.device)
+                except (ValueError, RuntimeError) as error:
+                    names = ", ".join(m.name for m in members)
+                    raise type(error)(f"layer {index} {names}: {error}") from error
+            # The statistic (a [in, in] Hessian for SparseGPT) and what was prepared from it
+            # are freed before the next group's is built, so at most one of each lives at a time.
+            del statistic, stat
+            for matrix in members:
+                try:
+                    report.matrices.append(self._solve_matrix(index, matrix, prepared))
                 except (ValueError, RuntimeError) as error:
                     raise type(error)(f"layer {index} {matrix.name}: {error}") from error
-            # The statistic (a [in, in] Hessian for SparseGPT) is freed here, before the next
-            # group's is built, so at most one lives at a time.
-            del statistic, stat
+            del prepared
 
     def _propagate_pruned(self, layer, index: int, calls, hidden, dense_out, report: LayerReport) -> None:
         """Run the pruned layer: its outputs become the next layer's inputs; measure the error."""
@@ -241,13 +249,15 @@ class LayerLoop:
         report.seconds["propagate"] = time.perf_counter() - t0
         report.output_rel_error = (err_num / err_den) ** 0.5 if err_den > 0 else 0.0
 
-    def _solve_matrix(self, layer_index: int, matrix: PrunableMatrix, statistic) -> MatrixReport:
-        """Solve one matrix in place. With several ranks, rank 0 solves and broadcasts the weight."""
+    def _solve_matrix(self, layer_index: int, matrix: PrunableMatrix, prepared) -> MatrixReport:
+        """Solve one matrix in place from its group's prepared statistic (``Method.prepared``;
+        None for a data-free method and on ranks other than 0). With several ranks, rank 0
+        solves and broadcasts the weight."""
         start = time.perf_counter()
         weight = matrix.read_weight()
         error = None
         if self._is_main:
-            result = self.method.solve(weight, statistic, self.pattern, self.config)
+            result = self.method.solve(weight, prepared, self.pattern, self.config)
             matrix.write_weight(result.weight)
             error = result.error
         if self._distributed:
