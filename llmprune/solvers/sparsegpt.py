@@ -89,7 +89,6 @@ def sparsegpt_prune(
     *,
     percdamp: float = 0.01,
     blocksize: int = 128,
-    reference: bool = False,
 ) -> SolveResult:
     """Prune ``weight`` to ``pattern`` and update the kept weights to compensate (OBS).
 
@@ -102,10 +101,6 @@ def sparsegpt_prune(
     percdamp: see :func:`inverse_hessian`.
     blocksize: columns per lazy-update block (the last may be partial); for NM(n, m) it must
         be a multiple of ``m``.
-    reference: sweep the columns one by one as the paper's code does, also for unstructured
-        patterns (the test oracle of their default sweep, :func:`_sweep_leaves`, which solves
-        :data:`LEAF_COLUMNS` columns at a time; the two agree to fp32 rounding). N:M patterns
-        always take the column sweep: solving one group of m at a time was slower on this CPU.
     Unstructured(s): each column block loses exactly ``int(out * block * s)`` weights of
     smallest ``w^2 / [H^-1]_jj``, chosen once per block. NM(n, m): each group of ``m`` columns
     loses ``m - n`` per row, chosen when the sweep reaches the group.
@@ -132,7 +127,6 @@ def sparsegpt_prune(
     inverse = hessian if isinstance(hessian, InverseHessian) else inverse_hessian(hessian, percdamp, W.device)
     Hinv = inverse.upper.to(W.device)  # (in, in) upper triangular
     W[:, inverse.dead.to(W.device)] = 0.0
-    sweep = _sweep_columns if reference or isinstance(pattern, NM) else _sweep_leaves
 
     keep = torch.ones(rows, cols, dtype=torch.bool, device=W.device)
     loss = torch.zeros((), dtype=torch.float64, device=W.device)
@@ -144,7 +138,7 @@ def sparsegpt_prune(
             keep1 = torch.ones_like(W1, dtype=torch.bool)
         else:
             keep1 = keep_mask_unstructured(W1.square() / Hinv1.diagonal().square(), float(pattern.sparsity))
-        Err1 = sweep(W1, keep1, Hinv1, pattern)
+        Err1 = _sweep_columns(W1, keep1, Hinv1, pattern)
         loss += Err1.square().sum(dtype=torch.float64) / 2
         W[:, i1:i2] = W1
         keep[:, i1:i2] = keep1
@@ -153,11 +147,6 @@ def sparsegpt_prune(
 
     out = W.to(weight.dtype).masked_fill_(~keep, 0)
     return SolveResult(out, keep, float(loss))
-
-
-# Columns solved together by the default sweep (unstructured); measured on this CPU
-# (evals/bench_prune_speed.py --solver-only): 16 and 64 were slower.
-LEAF_COLUMNS = 32
 
 
 def _sweep_columns(W1: Tensor, keep1: Tensor, Hinv1: Tensor, pattern: Pattern) -> Tensor:
@@ -178,37 +167,6 @@ def _sweep_columns(W1: Tensor, keep1: Tensor, Hinv1: Tensor, pattern: Pattern) -
         W1[:, i:].addmm_(err.unsqueeze(1), Hinv1[i, i:].unsqueeze(0), alpha=-1.0)
         W1[:, i] = q  # exactly q (the update leaves rounding residue in pruned entries)
         Err1[:, i] = err
-    return Err1
-
-
-def _sweep_leaves(W1: Tensor, keep1: Tensor, Hinv1: Tensor, pattern: Pattern) -> Tensor:
-    """The same sweep as :func:`_sweep_columns` for a fixed block mask (unstructured), solving
-    ``LEAF_COLUMNS`` columns at a time. W1 is updated in place; keep1 is only read.
-
-    The column loop's errors over a leaf with upper factor U solve, per row r,
-    ``e_r,i U_ii + sum_{k<i} e_r,k U_ki = w_r,i`` for the pruned i and ``e_r,i = 0`` for the kept
-    ones, where w is the leaf at its start. That is ``e_r A_r = w_r * pruned_r`` with A_r = U on
-    the pruned rows and columns and the identity elsewhere: one batched triangular solve per
-    leaf instead of one Python step per column. The kept weights end as ``w - e triu(U, 1)``.
-    (For N:M the same solve per group of m, after choosing the group's mask, was slower than
-    the column sweep on this CPU, so N:M keeps the column sweep.)
-    """
-    if isinstance(pattern, NM):
-        raise ValueError("_sweep_leaves needs a fixed block mask (an unstructured pattern)")
-    out, b = W1.shape
-    Err1 = torch.zeros_like(W1)
-    for a in range(0, b, LEAF_COLUMNS):
-        c = min(a + LEAF_COLUMNS, b)
-        U = Hinv1[a:c, a:c]  # (t, t) upper triangular
-        w = W1[:, a:c]  # (out, t): the leaf after the updates of the leaves before it
-        pruned = (~keep1[:, a:c]).to(W1.dtype)  # (out, t)
-        A = U * (pruned.unsqueeze(2) * pruned.unsqueeze(1))  # (out, t, t)
-        A.diagonal(dim1=1, dim2=2).add_(1.0 - pruned)
-        err = torch.linalg.solve_triangular(A, (w * pruned).unsqueeze(1), upper=True, left=False).squeeze(1)
-        Err1[:, a:c] = err
-        W1[:, a:c] = (w - err @ U.triu(1)) * (1.0 - pruned)
-        if c < b:
-            W1[:, c:].addmm_(err, Hinv1[a:c, c:], alpha=-1.0)
     return Err1
 
 
