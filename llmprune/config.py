@@ -62,6 +62,10 @@ class PruneConfig:
     resume: bool = _opt(False, "continue the run recorded in --work-dir from its first unfinished layer")
     dtype: str = _opt("auto", "model dtype: auto, float32, float16, bfloat16")
     true_sequential: bool = _opt(False, "prune each input group (attention in, o_proj, MLP in, down) after the previous")
+    output_errors: bool = _opt(
+        False, "report each layer's relative output error against its dense output on the calibration windows "
+        "(the statistics pass then runs whole layers and keeps their dense outputs: slower)"
+    )
     exclude: str = _opt("", "comma-separated patterns of matrix names inside a layer to leave dense, e.g. 'mlp.gate'")
     trust_remote_code: bool = _opt(False, "allow model code from the Hub (off by default)")
     revision: str | None = _opt(None, "Hub revision (branch, tag or commit) of --model")

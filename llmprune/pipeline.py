@@ -129,6 +129,7 @@ def prune(
     resume: bool = False,
     dtype: str = "auto",
     true_sequential: bool = False,
+    output_errors: bool = False,
     exclude: str = "",
     trust_remote_code: bool = False,
     revision: str | None = None,
@@ -409,7 +410,8 @@ class _Run:
         loop = LayerLoop(
             self.layers, self.method, self.pattern, self.device, config=self.config.method_config,
             weights=self.placement.layer_store(self), exclude=self.config.exclude_patterns,
-            true_sequential=self.config.true_sequential, streams=self.streams, start=first_layer,
+            true_sequential=self.config.true_sequential, output_errors=self.config.output_errors,
+            streams=self.streams, start=first_layer,
             on_layer_done=self.layer_done, show_progress=self.config.progress and self.group.is_main, group=self.group,
         )
         captured = hidden = None

@@ -146,7 +146,7 @@ def test_pruned_model_matches_propagated_hidden_states(family, method):
     captured = capture_layer_calls(model, layers, ids, torch.device("cpu"), show_progress=False)
     config = SparseGPTConfig(blocksize=32) if method == "sparsegpt" else None
     reports = LayerLoop(layers, METHODS[method], NM(2, 4), torch.device("cpu"), config=config,
-                        show_progress=False).run(captured)
+                        show_progress=False, output_errors=True).run(captured)
     # Pattern: every prunable matrix has at most 2 nonzeros in every 4 inputs.
     for layer in layers:
         for matrix in prunable_matrices(layer):
@@ -184,6 +184,53 @@ def test_shared_inputs_share_one_statistic_and_groups_follow_call_order():
     ]
     assert len(created) == 4 * len(layers)
     assert all(stat.n_samples == 3 for stat in created)
+
+
+@pytest.mark.parametrize("sequential", [False, True], ids=["one-pass", "true-sequential"])
+def test_statistics_pass_stops_at_the_last_input_it_needs(sequential):
+    # Without output errors each statistics forward after the first stops before the last
+    # matrix it feeds runs (down_proj, or the active group's last matrix with true_sequential);
+    # the statistics, hence the pruned weights, are bitwise those of whole forwards.
+    ids = tokens(4)
+    results = {}
+    for output_errors in (True, False):
+        model = build("llama")
+        _, layers = find_decoder_layers(model)
+        captured = capture_layer_calls(model, layers, ids, torch.device("cpu"), show_progress=False)
+        ran = []
+        handle = layers[1].mlp.down_proj.register_forward_hook(lambda *_: ran.append(1))
+        reports = LayerLoop(layers, METHODS["sparsegpt"], Unstructured(0.5), torch.device("cpu"),
+                            true_sequential=sequential, output_errors=output_errors, show_progress=False).run(captured)
+        handle.remove()
+        results[output_errors] = ([p.clone() for p in model.parameters()], captured.hidden, len(ran), reports)
+    (whole, whole_hidden, whole_ran, whole_reports), (early, early_hidden, early_ran, early_reports) = results[True], results[False]
+    assert all(torch.equal(a, b) for a, b in zip(whole, early))
+    assert all(torch.equal(a, b) for a, b in zip(whole_hidden, early_hidden))
+    passes = 4 if sequential else 1  # statistics passes per layer
+    assert whole_ran == len(ids) * (passes + 1)  # every statistics forward whole, plus the propagation
+    # stopping: of the statistics forwards only each pass's first reaches down_proj (the others
+    # stop at or before its input); the propagation runs whole
+    assert early_ran == passes + len(ids)
+    assert all(r.output_rel_error is not None for r in whole_reports)
+    assert all(r.output_rel_error is None for r in early_reports)
+
+
+def test_one_hessian_factorisation_per_shared_input():
+    # q/k/v share one factorisation, gate/up another: 4 per Llama layer, not 7.
+    model = build("llama")
+    _, layers = find_decoder_layers(model)
+    captured = capture_layer_calls(model, layers, tokens(3), torch.device("cpu"), show_progress=False)
+    method = METHODS["sparsegpt"]
+    factorised = []
+
+    def counting_prepare(hessian, config, device):
+        factorised.append(hessian.shape[0])
+        return method.prepare(hessian, config, device)
+
+    counting = dataclasses.replace(method, prepare=counting_prepare)
+    reports = LayerLoop(layers, counting, Unstructured(0.5), torch.device("cpu"), show_progress=False).run(captured)
+    assert len(factorised) == 4 * len(layers)
+    assert all(len(r.matrices) == 7 for r in reports)
 
 
 def test_true_sequential_adds_one_forward_per_group_and_differs():

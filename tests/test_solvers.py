@@ -170,6 +170,26 @@ def test_ties_go_to_the_lower_index():
     assert torch.equal(sparsegpt_prune(W, torch.eye(8), NM(2, 4), blocksize=4).mask, nm)
 
 
+@pytest.mark.parametrize("values", ["distinct", "grid", "nan"])
+@pytest.mark.parametrize("dim", [None, 0, -1])
+@pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.9])
+def test_selection_mask_equals_the_stable_sort(values, dim, sparsity):
+    from llmprune.solvers import masks
+
+    gen = torch.Generator().manual_seed(7)
+    score = torch.randn(37, 53, generator=gen).abs()
+    if values == "grid":  # a 4-bit grid: many exact ties, -0.0 among them
+        score = torch.randint(-3, 4, (37, 53), generator=gen).float() / 4
+        score[score == 0] = -0.0
+    elif values == "nan":
+        score[3, ::5] = float("nan")
+    keep = masks.keep_mask_unstructured(score, sparsity, dim)
+    flat = score.reshape(-1) if dim is None else score
+    k = int(flat.shape[0 if dim is None else dim] * sparsity)
+    expected = masks._keep_mask_by_sorting(flat, k, 0 if dim is None else dim).view(score.shape)
+    assert torch.equal(keep, expected)
+
+
 def test_ties_remove_exact_count_not_threshold():
     # 4-bit grid values: a "score <= k-th value" rule would remove every tied weight
     W = torch.tensor([[0.25, 0.25, 0.25, 0.25, 0.5, 0.5], [0.25, 0.5, 0.5, 0.5, 0.5, 0.75]])
@@ -213,6 +233,20 @@ def test_sparsegpt_matches_slow_reference(pattern, cols, blocksize):
     torch.testing.assert_close(res.weight.double(), W_ref, rtol=1e-4, atol=1e-4)
     assert res.error == pytest.approx(loss_ref, rel=1e-4)
     assert torch.all(res.weight[:, 5] == 0)
+
+
+@pytest.mark.parametrize("pattern", [Unstructured(0.5), NM(2, 4)], ids=str)
+def test_sparsegpt_shared_factorisation_equals_the_hessian(pattern):
+    from llmprune.solvers import inverse_hessian
+
+    gen = torch.Generator().manual_seed(13)
+    H, _ = _stats(_correlated_inputs(256, 48, seed=14))
+    inverse = inverse_hessian(H, 0.05)
+    for rows in (8, 24):  # two matrices reading the same input
+        W = torch.randn(rows, 48, generator=gen)
+        direct = sparsegpt_prune(W, H, pattern, blocksize=16, percdamp=0.05)
+        shared = sparsegpt_prune(W, inverse, pattern, blocksize=16)
+        assert torch.equal(direct.weight, shared.weight) and torch.equal(direct.mask, shared.mask)
 
 
 @pytest.mark.parametrize("pattern", [Unstructured(0.5), NM(2, 4)], ids=str)

@@ -25,6 +25,11 @@ from llmprune.models.architecture import PrunableMatrix
 
 logger = logging.getLogger(__name__)
 
+
+class StatisticsComplete(Exception):
+    """Raised by the collector's hook once the last input a statistics pass needs was observed
+    (``StatisticsCollector(stop_early=True)``): the rest of the layer's forward is skipped."""
+
 _LINEAR_FUNCTIONS = (F.linear,)  # y = x W^T with W [out, in]
 _MATMUL_FUNCTIONS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)  # y = x W with W [in, out]
 
@@ -100,11 +105,21 @@ class StatisticsCollector:
 
     While entered, fused experts run transformers' ``"eager"`` experts implementation (the
     per-expert loop; see :meth:`_force_eager_experts`); the model's setting is restored on exit.
+
+    stop_early: from the second forward of a pass on (:meth:`accumulate_only` starts a pass),
+    raise :class:`StatisticsComplete` right after the last matrix input the pass accumulates
+    was observed, before that matrix runs; the first forward, which runs whole, fixes which
+    input is last. The caller catches it and has no output for that window. Ignored for layers
+    with experts, whose routing can change which input comes last.
     """
 
-    def __init__(self, matrices: list[PrunableMatrix], stat_factory: Callable[[int], object]):
+    def __init__(self, matrices: list[PrunableMatrix], stat_factory: Callable[[int], object], *,
+                 stop_early: bool = False):
         self.matrices = matrices
         self.stat_factory = stat_factory
+        self.stop_early = stop_early and not any(m.is_expert or m.expert is not None for m in matrices)
+        self._order: list[PrunableMatrix] | None = []  # matrices in call order in the pass's first forward
+        self._last: PrunableMatrix | None = None  # after that forward: where to stop
         self.group_of: dict[str, int] = {}
         self.groups: list[list[PrunableMatrix]] = []
         self.stats: dict[int, object] = {}
@@ -120,7 +135,7 @@ class StatisticsCollector:
     def __enter__(self) -> StatisticsCollector:
         for matrix in self.matrices:
             if matrix.expert is None:
-                self._handles.append(matrix.module.register_forward_hook(self._make_hook(matrix)))
+                self._handles.append(matrix.module.register_forward_pre_hook(self._make_hook(matrix)))
         fused = self._fused_parameters()
         if fused:
             self._force_eager_experts()
@@ -178,9 +193,10 @@ class StatisticsCollector:
         self._saved_implementations.clear()
 
     def accumulate_only(self, groups: set[int] | None) -> None:
-        """From now on only the groups in ``groups`` accumulate (None: all); others are still
-        numbered when first called."""
+        """Start a pass: from now on only the groups in ``groups`` accumulate (None: all);
+        others are still numbered when first called."""
         self.active = groups
+        self._order, self._last = [], None
 
     def has_statistic(self, group: int) -> bool:
         return group in self.stats
@@ -191,14 +207,23 @@ class StatisticsCollector:
         return self.stats.pop(group)
 
     def end_sample(self) -> None:
-        """Forget this pass's input tensors (they were kept alive so ids stay unique)."""
+        """End one forward: forget its input tensors (they were kept alive so ids stay unique);
+        after the pass's first forward, fix where the next ones stop (``stop_early``)."""
+        if self._order is not None:
+            needed = [m for m in self._order if self.active is None or self.group_of[m.name] in self.active]
+            self._last = needed[-1] if self.stop_early and needed else None
+            self._order = None
         self._pass_inputs.clear()
         self._pass_group_of_input.clear()
         self._updated.clear()
 
     def _make_hook(self, matrix: PrunableMatrix):
-        def hook(module, inputs, output):
+        def hook(module, inputs):
             self._observe(matrix, inputs[0])
+            if self._order is not None:
+                self._order.append(matrix)
+            elif matrix is self._last:
+                raise StatisticsComplete
 
         return hook
 

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmprune.calibration.capture import CapturedCalls, LayerCall
-from llmprune.calibration.collector import StatisticsCollector
+from llmprune.calibration.collector import StatisticsCollector, StatisticsComplete
 from llmprune.models.architecture import PrunableMatrix, prunable_matrices
 from llmprune.oneshot.methods import Method
 from llmprune.oneshot.reports import LayerReport, MatrixReport
@@ -52,9 +52,12 @@ class LayerLoop:
     Per layer: (1) one forward pass over all windows with hooks accumulating statistics
     (``true_sequential``: one pass per input group, each after the previous groups were
     pruned), (2) solve each matrix, (3) one more forward pass whose outputs replace the
-    hidden states as the next layer's inputs. The relative output error
+    hidden states as the next layer's inputs. With ``output_errors`` the relative output error
     ``||Y_pruned - Y_dense|| / ||Y_dense||`` is measured against the dense outputs of the
-    first statistics pass. Without calibration data (a data-free method): only step (2).
+    first statistics pass, which then runs whole; without, each statistics forward stops at
+    the last matrix input it needs (``StatisticsCollector(stop_early=True)``: a Llama layer's
+    pass skips ``down_proj``) and ``LayerReport.output_rel_error`` stays None. Without
+    calibration data (a data-free method): only step (2).
 
     config: the method's options (``method.config()`` when None).
     weights: where layers live between uses (``llmprune.runtime.layers.MemoryLayers`` /
@@ -67,6 +70,7 @@ class LayerLoop:
     on_layer_done: called with ``(index, report)`` after each newly pruned layer was released.
     group: a ``llmprune.runtime.distributed.ProcessGroup``; with several ranks the statistics
         are summed over ranks, rank 0 solves and broadcasts the pruned weights.
+    output_errors: measure each layer's relative output error (see above).
     """
 
     layers: nn.ModuleList
@@ -82,6 +86,7 @@ class LayerLoop:
     on_layer_done: Callable[[int, LayerReport], None] | None = None
     show_progress: bool = True
     group: object | None = None
+    output_errors: bool = False
 
     def __post_init__(self) -> None:
         from llmprune.runtime.layers import MemoryLayers
@@ -173,8 +178,8 @@ class LayerLoop:
     def _prune_from_data(self, layer, index: int, calls: list[LayerCall], hidden, report: LayerReport) -> None:
         """Statistics pass(es), solve and propagation of one decoder layer."""
         matrices = prunable_matrices(layer, self.exclude)
-        collector = StatisticsCollector(matrices, self.method.statistic)
-        dense_out = hidden.spare()
+        collector = StatisticsCollector(matrices, self.method.statistic, stop_early=not self.output_errors)
+        dense_out = hidden.spare() if self.output_errors else None
         step = 0
         while True:
             collector.accumulate_only({step} if self.true_sequential else None)
@@ -183,10 +188,12 @@ class LayerLoop:
                 for i, call in enumerate(calls):
                     try:
                         out = call.call(layer, hidden[i])
+                    except StatisticsComplete:
+                        out = None  # the rest of this forward feeds no statistic
                     except ValueError as error:  # a statistic refused NaN/Inf inputs; it names the module
                         raise ValueError(f"layer {index}, calibration window {i}: {error}") from error
                     collector.end_sample()
-                    if report.forward_passes == 0:
+                    if dense_out is not None and report.forward_passes == 0:
                         dense_out[i] = out
             report.forward_passes += 1
             _add_seconds(report, "statistics", t0)
@@ -209,19 +216,28 @@ class LayerLoop:
                 names = ", ".join(m.name for m in members)
                 raise ValueError(f"layer {index} {names}: the calibration statistic overflowed to Inf/NaN "
                                  "(activations too large for fp32 sums)")
-            for matrix in members:
-                if statistic is None:
-                    continue  # routed no tokens on any rank: left dense (check_all_seen warns)
+            if statistic is None:
+                continue  # routed no tokens on any rank: left dense (check_all_seen warns)
+            prepared = None
+            if self._is_main:  # only rank 0 solves
                 try:
-                    report.matrices.append(self._solve_matrix(index, matrix, statistic))
+                    prepared = self.method.prepared(statistic, self.config, self.device)
+                except (ValueError, RuntimeError) as error:
+                    names = ", ".join(m.name for m in members)
+                    raise type(error)(f"layer {index} {names}: {error}") from error
+            # The statistic (a [in, in] Hessian for SparseGPT) and what was prepared from it
+            # are freed before the next group's is built, so at most one of each lives at a time.
+            del statistic, stat
+            for matrix in members:
+                try:
+                    report.matrices.append(self._solve_matrix(index, matrix, prepared))
                 except (ValueError, RuntimeError) as error:
                     raise type(error)(f"layer {index} {matrix.name}: {error}") from error
-            # The statistic (a [in, in] Hessian for SparseGPT) is freed here, before the next
-            # group's is built, so at most one lives at a time.
-            del statistic, stat
+            del prepared
 
     def _propagate_pruned(self, layer, index: int, calls, hidden, dense_out, report: LayerReport) -> None:
-        """Run the pruned layer: its outputs become the next layer's inputs; measure the error."""
+        """Run the pruned layer: its outputs become the next layer's inputs; with ``dense_out``
+        (``output_errors``) measure the error against them."""
         t0 = time.perf_counter()
         err_num = err_den = 0.0
         with torch.no_grad():
@@ -229,25 +245,30 @@ class LayerLoop:
                 out = call.call(layer, hidden[i])
                 if not torch.isfinite(out).all():
                     raise ValueError(f"layer {index}: non-finite outputs after pruning (sample {i})")
-                dense = dense_out[i].float()
-                err_num += (out.float() - dense).pow(2).sum().item()
-                err_den += dense.pow(2).sum().item()
-                dense_out.clear(i)
+                if dense_out is not None:
+                    dense = dense_out[i].float()
+                    err_num += (out.float() - dense).pow(2).sum().item()
+                    err_den += dense.pow(2).sum().item()
+                    dense_out.clear(i)
                 hidden[i] = out
+        report.forward_passes += 1
+        report.seconds["propagate"] = time.perf_counter() - t0
+        if dense_out is None:
+            return
         dense_out.close()
         if self._distributed:
             err_num, err_den = self.group.sum_floats([err_num, err_den])
-        report.forward_passes += 1
-        report.seconds["propagate"] = time.perf_counter() - t0
         report.output_rel_error = (err_num / err_den) ** 0.5 if err_den > 0 else 0.0
 
-    def _solve_matrix(self, layer_index: int, matrix: PrunableMatrix, statistic) -> MatrixReport:
-        """Solve one matrix in place. With several ranks, rank 0 solves and broadcasts the weight."""
+    def _solve_matrix(self, layer_index: int, matrix: PrunableMatrix, prepared) -> MatrixReport:
+        """Solve one matrix in place from its group's prepared statistic (``Method.prepared``;
+        None for a data-free method and on ranks other than 0). With several ranks, rank 0
+        solves and broadcasts the weight."""
         start = time.perf_counter()
         weight = matrix.read_weight()
         error = None
         if self._is_main:
-            result = self.method.solve(weight, statistic, self.pattern, self.config)
+            result = self.method.solve(weight, prepared, self.pattern, self.config)
             matrix.write_weight(result.weight)
             error = result.error
         if self._distributed:

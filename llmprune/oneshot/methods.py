@@ -22,6 +22,7 @@ from llmprune.solvers import (
     SolveResult,
     SparseGPTConfig,
     WandaConfig,
+    inverse_hessian,
     magnitude_prune,
     sparsegpt_prune,
     wanda_prune,
@@ -37,13 +38,21 @@ class Method:
     statistic: what to accumulate from each matrix's inputs (constructed as
         ``statistic(in_features, device)``), or ``None`` for a data-free method.
     config: the frozen dataclass of the method's options.
-    solve: ``solve(weight, statistic value or None, pattern, config) -> SolveResult``.
+    solve: ``solve(weight, prepared statistic or None, pattern, config) -> SolveResult``.
+    prepare: ``prepare(statistic value, config, device)``, run once per statistic before the
+        matrices sharing it are solved (SparseGPT: one Hessian factorisation for q/k/v, one
+        for gate/up); default: the statistic itself.
     """
 
     name: str
     statistic: type | None
     config: type
-    solve: Callable[[Tensor, Tensor | None, Pattern, object], SolveResult]
+    solve: Callable[[Tensor, object, Pattern, object], SolveResult]
+    prepare: Callable[[Tensor, object, object], object] | None = None
+
+    def prepared(self, statistic: Tensor, config: object, device) -> object:
+        """What :attr:`solve` takes for matrices whose inputs gave ``statistic`` (on ``device``)."""
+        return statistic if self.prepare is None else self.prepare(statistic, config, device)
 
     @property
     def needs_data(self) -> bool:
@@ -73,6 +82,7 @@ METHODS: dict[str, Method] = {
     "sparsegpt": Method(
         "sparsegpt", HessianStat, SparseGPTConfig,
         lambda w, s, p, c: sparsegpt_prune(w, _need("sparsegpt", s), p, **dataclasses.asdict(c)),
+        prepare=lambda h, c, device: inverse_hessian(h, c.percdamp, device),
     ),
     "wanda": Method("wanda", ColumnNormStat, WandaConfig, lambda w, s, p, c: wanda_prune(w, _need("wanda", s), p)),
     "magnitude": Method("magnitude", None, MagnitudeConfig, lambda w, s, p, c: magnitude_prune(w, p)),

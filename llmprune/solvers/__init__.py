@@ -8,14 +8,16 @@ solver's options are a frozen dataclass beside it (``SparseGPTConfig``, ``WandaC
 
 from llmprune.solvers.magnitude import MagnitudeConfig, magnitude_prune
 from llmprune.solvers.masks import SolveResult, keep_mask_nm, keep_mask_unstructured
-from llmprune.solvers.sparsegpt import SparseGPTConfig, sparsegpt_prune
+from llmprune.solvers.sparsegpt import InverseHessian, SparseGPTConfig, inverse_hessian, sparsegpt_prune
 from llmprune.solvers.wanda import WandaConfig, wanda_prune
 
 __all__ = [
+    "InverseHessian",
     "MagnitudeConfig",
     "SolveResult",
     "SparseGPTConfig",
     "WandaConfig",
+    "inverse_hessian",
     "keep_mask_nm",
     "keep_mask_unstructured",
     "magnitude_prune",

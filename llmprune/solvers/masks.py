@@ -43,19 +43,30 @@ def keep_mask_unstructured(score: Tensor, sparsity: float, dim: int | None = Non
     score: any shape, any real dtype (not modified). ``dim=None``: the whole tensor is one group
     (ties broken by row-major flat index); otherwise each slice along ``dim`` is a group.
     NaN scores rank highest (kept). Returns a bool tensor of ``score``'s shape, ``True`` = keep.
+
+    The k-th lowest score of each group is found by selection (``kthvalue``, linear time), not
+    by sorting; among the scores equal to it the lowest indices are removed first, so the mask
+    is exactly that of a stable sort (:func:`_keep_mask_by_sorting`, the test oracle).
     """
     if dim is None:
-        flat = score.reshape(-1)
-        keep = torch.ones(flat.shape, dtype=torch.bool, device=score.device)
-        k = int(flat.numel() * sparsity)
-        if k > 0:
-            keep[torch.argsort(flat, stable=True)[:k]] = False
-        return keep.view(score.shape)
-    keep = torch.ones(score.shape, dtype=torch.bool, device=score.device)
+        return keep_mask_unstructured(score.reshape(-1), sparsity, dim=0).view(score.shape)
     k = int(score.shape[dim] * sparsity)
-    if k > 0:
-        order = torch.argsort(score, dim=dim, stable=True)
-        keep.scatter_(dim, order.narrow(dim, 0, k), False)
+    if k == 0:
+        return torch.ones(score.shape, dtype=torch.bool, device=score.device)
+    if score.is_floating_point() and bool(score.isnan().any()):
+        return _keep_mask_by_sorting(score, k, dim)  # kthvalue's NaN order is not "highest"
+    threshold = score.kthvalue(k, dim=dim, keepdim=True).values
+    below = score < threshold
+    tied = score == threshold
+    ties_to_remove = k - below.sum(dim=dim, keepdim=True)  # >= 1: the k-th itself ties
+    return ~(below | (tied & (tied.cumsum(dim=dim) <= ties_to_remove)))
+
+
+def _keep_mask_by_sorting(score: Tensor, k: int, dim: int) -> Tensor:
+    """The ``k`` lowest of each slice along ``dim`` removed by a stable sort (NaN ranks highest)."""
+    keep = torch.ones(score.shape, dtype=torch.bool, device=score.device)
+    order = torch.argsort(score, dim=dim, stable=True)
+    keep.scatter_(dim, order.narrow(dim, 0, k), False)
     return keep
 
 

@@ -47,9 +47,44 @@ class SparseGPTConfig:
 _DAMP_RETRIES = 4
 
 
+@dataclass(frozen=True)
+class InverseHessian:
+    """What SparseGPT needs from a Hessian, computed once per input (:func:`inverse_hessian`) and
+    shared by the matrices reading that input (q/k/v, gate/up).
+
+    upper: [in, in] fp32, the upper Cholesky factor of ``(H + damp * I)^-1`` (dead channels'
+        diagonal replaced by 1 first); dead: [in] bool, input channels with ``H[i, i] == 0``.
+    """
+
+    upper: Tensor
+    dead: Tensor
+
+
+def inverse_hessian(hessian: Tensor, percdamp: float = 0.01, device: torch.device | str | None = None) -> InverseHessian:
+    """Factorise ``hessian`` [in, in] (``HessianStat.value()``, not modified) for
+    :func:`sparsegpt_prune`, in fp32 on ``device`` (default: the Hessian's).
+
+    percdamp: fraction of ``mean(diag(H))`` added to the diagonal; if the Cholesky
+    factorisation fails it is retried with 10x more (a ``RuntimeWarning`` each time), and
+    ``ValueError`` is raised after ``_DAMP_RETRIES`` retries. ValueError also for a Hessian that
+    is not square, not finite, or has a negative diagonal.
+    """
+    if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
+        raise ValueError(f"hessian must be a square [in, in] matrix, got shape {tuple(hessian.shape)}")
+    if not (isinstance(percdamp, (int, float)) and math.isfinite(percdamp) and percdamp >= 0):
+        raise UsageError(f"percdamp must be a finite number >= 0, got {percdamp!r}")
+    device = hessian.device if device is None else torch.device(device)
+    diag = hessian.detach().diagonal().to(device=device, dtype=torch.float32, copy=True)  # (in,)
+    if not bool(torch.isfinite(hessian).all()) or bool((diag < 0).any()):
+        raise ValueError("hessian must be finite with a non-negative diagonal")
+    dead = diag == 0  # input channels that never saw a non-zero activation
+    diag[dead] = 1.0
+    return InverseHessian(_upper_cholesky_of_inverse(hessian, diag, float(percdamp)), dead)
+
+
 def sparsegpt_prune(
     weight: Tensor,
-    hessian: Tensor,
+    hessian: Tensor | InverseHessian,
     pattern: Pattern,
     *,
     percdamp: float = 0.01,
@@ -58,26 +93,26 @@ def sparsegpt_prune(
     """Prune ``weight`` to ``pattern`` and update the kept weights to compensate (OBS).
 
     weight: [out, in], any float dtype and device; not modified. Computed in fp32, cast back.
-    hessian: [in, in], ``(2 / n_samples) * sum X^T X`` (``HessianStat.value()``); copied to fp32
-        on the weight's device; not modified. Input channels with ``H[i, i] == 0`` are dead:
-        their weights are zeroed.
-    percdamp: fraction of ``mean(diag(H))`` added to the diagonal before inversion; if a
-        Cholesky factorisation fails it is retried with 10x more (a ``RuntimeWarning`` each
-        time), and ``ValueError`` is raised after ``_DAMP_RETRIES`` retries.
+    hessian: [in, in], ``(2 / n_samples) * sum X^T X`` (``HessianStat.value()``; copied to fp32
+        on the weight's device; not modified), or its :class:`InverseHessian` from
+        :func:`inverse_hessian` (then ``percdamp`` is not used), so matrices sharing an input
+        share one factorisation. Input channels with ``H[i, i] == 0`` are dead: their weights
+        are zeroed.
+    percdamp: see :func:`inverse_hessian`.
     blocksize: columns per lazy-update block (the last may be partial); for NM(n, m) it must
         be a multiple of ``m``.
     Unstructured(s): each column block loses exactly ``int(out * block * s)`` weights of
     smallest ``w^2 / [H^-1]_jj``, chosen once per block. NM(n, m): each group of ``m`` columns
-    loses ``m - n`` per row, chosen when the block reaches the group.
+    loses ``m - n`` per row, chosen when the sweep reaches the group.
     Returns weight (input dtype, pruned entries exactly 0), mask ``True`` = keep, and error =
     the summed OBS losses ``sum (w - q)^2 / [H^-1]_jj / 2``.
     """
     check_weight(weight, pattern)
     rows, cols = weight.shape
-    if tuple(hessian.shape) != (cols, cols):
+    shape = tuple(hessian.upper.shape if isinstance(hessian, InverseHessian) else hessian.shape)
+    if shape != (cols, cols):
         raise ValueError(
-            f"hessian must have shape ({cols}, {cols}) to match weight {tuple(weight.shape)}, "
-            f"got {tuple(hessian.shape)}"
+            f"hessian must have shape ({cols}, {cols}) to match weight {tuple(weight.shape)}, got {shape}"
         )
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
         raise UsageError(f"blocksize must be a positive integer, got {blocksize!r}")
@@ -89,13 +124,9 @@ def sparsegpt_prune(
         return unchanged(weight, 0.0)
 
     W = weight.detach().to(dtype=torch.float32, copy=True)  # (out, in)
-    diag = hessian.detach().diagonal().to(device=W.device, dtype=torch.float32, copy=True)  # (in,)
-    if not bool(torch.isfinite(hessian).all()) or bool((diag < 0).any()):
-        raise ValueError("hessian must be finite with a non-negative diagonal")
-    dead = diag == 0  # input channels that never saw a non-zero activation
-    diag[dead] = 1.0
-    W[:, dead] = 0.0
-    Hinv = _upper_cholesky_of_inverse(hessian, diag, float(percdamp))  # (in, in) upper triangular
+    inverse = hessian if isinstance(hessian, InverseHessian) else inverse_hessian(hessian, percdamp, W.device)
+    Hinv = inverse.upper.to(W.device)  # (in, in) upper triangular
+    W[:, inverse.dead.to(W.device)] = 0.0
 
     keep = torch.ones(rows, cols, dtype=torch.bool, device=W.device)
     loss = torch.zeros((), dtype=torch.float64, device=W.device)
@@ -103,24 +134,11 @@ def sparsegpt_prune(
         i2 = min(i1 + blocksize, cols)
         W1 = W[:, i1:i2].clone()  # (out, b); ends up holding the pruned/updated block
         Hinv1 = Hinv[i1:i2, i1:i2]  # (b, b)
-        d1 = Hinv1.diagonal()  # (b,)
-        Err1 = torch.zeros_like(W1)  # (out, b) scaled errors for the lazy update
         if isinstance(pattern, NM):
             keep1 = torch.ones_like(W1, dtype=torch.bool)
         else:
-            keep1 = keep_mask_unstructured(W1.square() / d1.square(), float(pattern.sparsity))
-        for i in range(i2 - i1):
-            if isinstance(pattern, NM) and i % pattern.m == 0:
-                # i1 is a multiple of m, so column groups align with absolute i % m == 0
-                j = i + pattern.m
-                keep1[:, i:j] = keep_mask_nm(W1[:, i:j].square() / d1[i:j].square(), pattern.n, pattern.m)
-            w = W1[:, i]  # (out,)
-            q = torch.where(keep1[:, i], w, 0.0)
-            err = (w - q) / d1[i]  # (out,)
-            # OBS update of this and the remaining columns of the block
-            W1[:, i:].addmm_(err.unsqueeze(1), Hinv1[i, i:].unsqueeze(0), alpha=-1.0)
-            W1[:, i] = q  # exactly q (the update leaves rounding residue in pruned entries)
-            Err1[:, i] = err
+            keep1 = keep_mask_unstructured(W1.square() / Hinv1.diagonal().square(), float(pattern.sparsity))
+        Err1 = _sweep_columns(W1, keep1, Hinv1, pattern)
         loss += Err1.square().sum(dtype=torch.float64) / 2
         W[:, i1:i2] = W1
         keep[:, i1:i2] = keep1
@@ -129,6 +147,27 @@ def sparsegpt_prune(
 
     out = W.to(weight.dtype).masked_fill_(~keep, 0)
     return SolveResult(out, keep, float(loss))
+
+
+def _sweep_columns(W1: Tensor, keep1: Tensor, Hinv1: Tensor, pattern: Pattern) -> Tensor:
+    """The paper's sweep over one block, one column at a time. W1 [out, b] is updated in place
+    to the pruned block; keep1 [out, b] (filled in group by group for N:M) likewise. Returns
+    the scaled errors Err1 [out, b] for the lazy update of the later blocks."""
+    d1 = Hinv1.diagonal()  # (b,)
+    Err1 = torch.zeros_like(W1)
+    for i in range(W1.shape[1]):
+        if isinstance(pattern, NM) and i % pattern.m == 0:
+            # the block starts at a multiple of m, so column groups align with absolute i % m == 0
+            j = i + pattern.m
+            keep1[:, i:j] = keep_mask_nm(W1[:, i:j].square() / d1[i:j].square(), pattern.n, pattern.m)
+        w = W1[:, i]  # (out,)
+        q = torch.where(keep1[:, i], w, 0.0)
+        err = (w - q) / d1[i]  # (out,)
+        # OBS update of this and the remaining columns of the block
+        W1[:, i:].addmm_(err.unsqueeze(1), Hinv1[i, i:].unsqueeze(0), alpha=-1.0)
+        W1[:, i] = q  # exactly q (the update leaves rounding residue in pruned entries)
+        Err1[:, i] = err
+    return Err1
 
 
 def _upper_cholesky_of_inverse(hessian: Tensor, diag: Tensor, percdamp: float) -> Tensor:
