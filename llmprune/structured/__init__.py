@@ -8,12 +8,11 @@ llmprune.structured``), imported on first use so that importing this package sta
 
 from typing import TYPE_CHECKING
 
-from llmprune.structured.config import StructuredConfig
-
 if TYPE_CHECKING:
+    from llmprune.structured.config import StructuredConfig
     from llmprune.structured.run import prune
 
-_LAZY = {"prune": ("llmprune.structured.run", "prune")}
+_LAZY = {"prune": ("llmprune.structured.run", "prune"), "StructuredConfig": ("llmprune.structured.config", "StructuredConfig")}
 
 
 def __getattr__(name: str):

@@ -141,54 +141,70 @@ def prune(
     enable_bias = bias_fields_needed(config, skeleton.config, groups, counts)
     rewrite.check_loadable(skeleton, groups, counts, enable_bias)
     del skeleton
-    seconds: dict[str, float] = {}
-    start = time.perf_counter()
-    if loaded_model is None:
-        from llmprune.models.loader import load_model
+    return _Run(config, counts, enable_bias).execute(loaded_model, tokenizer)
 
-        loaded_model, tokenizer = load_model(config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code,
-                                             revision=config.revision)
-    original = loaded_model.eval()
-    seconds["load"] = time.perf_counter() - start
-    groups = find_groups(original)
-    device_value = devices.resolve_device(config.device)
-    seqlen_value, eval_seqlen, add_bos = window_lengths(original, tokenizer, config)
 
-    start = time.perf_counter()
-    calibration = None
-    if needs_data(config, counts):
-        calibration = data.get_calibration(config.dataset, tokenizer, nsamples=config.nsamples, seqlen=seqlen_value,
-                                           seed=config.seed, add_bos=add_bos)
-    eval_tokens = {s: data.get_eval_tokens(s, tokenizer, seqlen=eval_seqlen) for s in config.eval_sources}
-    seconds["data"] = time.perf_counter() - start
+class _Run:
+    """The stages of :func:`prune` after its checks, each timed into ``seconds``."""
 
-    dense_ppl = {}
-    if config.dense_eval and eval_tokens:
+    def __init__(self, config: StructuredConfig, counts: Counts, enable_bias: tuple[str, ...]):
+        self.config, self.counts, self.enable_bias = config, counts, enable_bias
+        self.seconds: dict[str, float] = {}
+        self.device = devices.resolve_device(config.device)
+
+    def timed(self, name: str, work, *args):
         start = time.perf_counter()
-        dense_ppl = evaluate(original, eval_tokens, config, device_value, eval_seqlen, add_bos)
-        seconds["eval_dense"] = time.perf_counter() - start
-    start = time.perf_counter()
-    stats = measure(original, groups, calibration, config, counts, device_value)
-    seconds["statistics"] = time.perf_counter() - start
-    start = time.perf_counter()
-    plan = make_plan(original, groups, stats, config, counts)
-    smaller, errors = rebuild(original, groups, stats, plan, counts, config, enable_bias)
-    seconds["rebuild"] = time.perf_counter() - start
-    params = {f"{k}_before": v for k, v in count_parameters(original).items()}
-    params.update({f"{k}_after": v for k, v in count_parameters(smaller).items()})
-    result = StructuredResult(config, smaller, tokenizer, plan, counts, params, dense_ppl=dense_ppl,
-                              reconstruction_error=errors, seconds=seconds, seqlen=seqlen_value)
-    if calibration is not None:
-        result.calibration_sha256 = hashlib.sha256(calibration.numpy().tobytes()).hexdigest()
-    if eval_tokens:
-        start = time.perf_counter()
-        result.pruned_ppl = evaluate(smaller, eval_tokens, config, device_value, eval_seqlen, add_bos)
-        seconds["eval_pruned"] = time.perf_counter() - start
-    if config.save is not None:
-        save_result(result)
-    if config.results is not None:
-        result.results_path = write_json_atomic(config.results, result.to_dict())
-    return result
+        value = work(*args)
+        self.seconds[name] = time.perf_counter() - start
+        return value
+
+    def execute(self, loaded_model, tokenizer) -> StructuredResult:
+        config = self.config
+        original, tokenizer = self.timed("load", self.load, loaded_model, tokenizer)
+        groups = find_groups(original)
+        self.seqlen, self.eval_seqlen, self.add_bos = window_lengths(original, tokenizer, config)
+        calibration, self.eval_tokens = self.timed("data", self.read_data, tokenizer)
+        dense_ppl = {}
+        if config.dense_eval and self.eval_tokens:
+            dense_ppl = self.timed("eval_dense", self.evaluate, original)
+        stats = self.timed("statistics", measure, original, groups, calibration, config, self.counts, self.device)
+        plan = make_plan(original, groups, stats, config, self.counts)
+        smaller, errors = self.timed("rebuild", rebuild, original, groups, stats, plan, self.counts, config,
+                                     self.enable_bias)
+        params = {f"{k}_before": v for k, v in count_parameters(original).items()}
+        params.update({f"{k}_after": v for k, v in count_parameters(smaller).items()})
+        result = StructuredResult(config, smaller, tokenizer, plan, self.counts, params, dense_ppl=dense_ppl,
+                                  reconstruction_error=errors, seconds=self.seconds, seqlen=self.seqlen)
+        if calibration is not None:
+            result.calibration_sha256 = hashlib.sha256(calibration.numpy().tobytes()).hexdigest()
+        if self.eval_tokens:
+            result.pruned_ppl = self.timed("eval_pruned", self.evaluate, smaller)
+        if config.save is not None:
+            save_result(result)
+        if config.results is not None:
+            result.results_path = write_json_atomic(config.results, result.to_dict())
+        return result
+
+    def load(self, loaded_model, tokenizer):
+        if loaded_model is None:
+            from llmprune.models.loader import load_model
+
+            loaded_model, tokenizer = load_model(self.config.model, dtype=self.config.dtype,
+                                                 trust_remote_code=self.config.trust_remote_code,
+                                                 revision=self.config.revision)
+        return loaded_model.eval(), tokenizer
+
+    def read_data(self, tokenizer):
+        config = self.config
+        calibration = None
+        if needs_data(config, self.counts):
+            calibration = data.get_calibration(config.dataset, tokenizer, nsamples=config.nsamples, seqlen=self.seqlen,
+                                               seed=config.seed, add_bos=self.add_bos)
+        eval_tokens = {s: data.get_eval_tokens(s, tokenizer, seqlen=self.eval_seqlen) for s in config.eval_sources}
+        return calibration, eval_tokens
+
+    def evaluate(self, model):
+        return evaluate(model, self.eval_tokens, self.config, self.device, self.eval_seqlen, self.add_bos)
 
 
 def check_config(config: StructuredConfig) -> None:
