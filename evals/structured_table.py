@@ -11,10 +11,14 @@ the layer pass propagates through the dense layers, so one measurement serves ev
 each configuration is then planned, rebuilt and evaluated. Results are written after every
 configuration, so a stopped run keeps what it measured.
 
-    python evals/structured_table.py --sizes 0.25 --out evals/results/structured-smollm2-2026-12-02.json
-    python evals/structured_table.py --sizes 0.1,0.4 --criteria activation --append \\
+    PYTHONPATH=. python evals/structured_table.py --sizes 0.25 --eval-tokens 4096 \
+        --recipes activation:yes,magnitude:no,activation:no --then-sizes 0.1,0.4 --then-recipes activation:yes \
         --out evals/results/structured-smollm2-2026-12-02.json
     python evals/structured_table.py --plot-only --out evals/results/structured-smollm2-2026-12-02.json
+
+(the first made the README's table on a shared 2-core CPU: 4,096 evaluation tokens per source
+instead of the 16,384 default, to fit the time). ``--recipes`` are run in order, then
+``--then-sizes`` with ``--then-recipes``; a configuration already measured is not repeated.
 
 ``--sizes``: fractions of the decoder parameters to remove; each axis gets the count nearest to
 it (heads: SmolLM2 has 3 KV groups of 3 query heads, each group is 8.3 % of the decoder, at most
@@ -229,6 +233,8 @@ def main() -> None:
     ap.add_argument("--reconstruct", default="yes,no", help="yes, no or yes,no")
     ap.add_argument("--recipes", default="", help="criterion:yes|no pairs in order (overrides --criteria x --reconstruct), "
                     "e.g. activation:yes,magnitude:no")
+    ap.add_argument("--then-sizes", default="", help="after the main grid, these sizes with --then-recipes")
+    ap.add_argument("--then-recipes", default="activation:yes")
     ap.add_argument("--bias-compensation", action="store_true", help="also run each reconstructable row with FLAP's bias")
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
@@ -288,6 +294,8 @@ def main() -> None:
     criteria = args.criteria.split(",")
     if args.recipes:
         criteria = list(dict.fromkeys(x.split(":")[0] for x in args.recipes.split(",")))
+    if args.then_sizes:
+        criteria = list(dict.fromkeys(criteria + [x.split(":")[0] for x in args.then_recipes.split(",")]))
     start = time.perf_counter()  # one measurement for every criterion: the same dense layer pass
     stats = measure(model, groups, calibration, base, None, device, kinds=("heads", "ffn"), taylor="taylor" in criteria)
     measure_seconds = time.perf_counter() - start
@@ -295,16 +303,24 @@ def main() -> None:
     recipes = [(c, r) for c in criteria for r in recon_options]
     if args.recipes:
         recipes = [(c, {"yes": True, "no": False}[r]) for c, r in (x.split(":") for x in args.recipes.split(","))]
-    for target in sizes:
-        for criterion, reconstruct in recipes:
-            config = StructuredConfig(**{**base.to_dict(), "criterion": criterion})
-            for axis in axes:
-                counts = counts_for(axis, target, groups)
-                if axis == "layers" and not reconstruct and (criterion, True) in recipes:
-                    continue  # nothing to refit when only layers go: the reconstructed row is the same model
-                for bias in ([False, True] if args.bias_compensation and axis != "layers" else [False]):
-                    run_row(result, model, groups, stats, config, counts, axis, target, reconstruct, bias,
-                            eval_tokens, add_bos, speed_cache, measure_seconds, args)
+    plan_runs = [(target, recipe) for target in sizes for recipe in recipes]
+    if args.then_sizes:  # after the main grid: more sizes with fewer recipes (most informative first)
+        then = [(c, {"yes": True, "no": False}[r]) for c, r in (x.split(":") for x in args.then_recipes.split(","))]
+        plan_runs += [(float(t), recipe) for t in args.then_sizes.split(",") for recipe in then]
+    done = {(tuple(r["counts"].values()), r["criterion"], r["reconstruct"], r["bias_compensation"]) for r in result["rows"]}
+    for target, (criterion, reconstruct) in plan_runs:
+        config = StructuredConfig(**{**base.to_dict(), "criterion": criterion})
+        for axis in axes:
+            counts = counts_for(axis, target, groups)
+            if axis == "layers" and not reconstruct and (criterion, True) in recipes:
+                continue  # nothing to refit when only layers go: the reconstructed row is the same model
+            for bias in ([False, True] if args.bias_compensation and axis != "layers" else [False]):
+                key = ((counts.head_groups, counts.ffn_channels, counts.drop_layers), criterion, reconstruct, bias)
+                if key in done:
+                    continue  # e.g. the heads axis reaches 16.7 % at most: 25 % and 40 % are one model
+                done.add(key)
+                run_row(result, model, groups, stats, config, counts, axis, target, reconstruct, bias,
+                        eval_tokens, add_bos, speed_cache, measure_seconds, args)
     write_json_atomic(args.out, result)
     args.out.with_suffix(".md").write_text(markdown(result) + "\n")
     plot_svg(result["rows"], result["dense"], args.out.with_suffix(".svg"))
