@@ -371,3 +371,15 @@ def test_cli_writes_a_plain_checkpoint_that_sparsegpt_prunes_further(tiny_llama_
     weight = pruned.model.layers[0].mlp.down_proj.weight  # [64, 96]: 2 nonzeros in every 4 inputs
     assert weight.shape == (64, 96)
     assert ((weight.view(64, -1, 4) != 0).sum(-1) <= 2).all()
+
+
+@pytest.mark.slow
+def test_real_smollm2_gqa_ratios_are_named_before_any_weight_is_read(tmp_path):
+    """SmolLM2-135M: 9 query heads in 3 KV groups. The check runs on a meta-device copy built
+    from the config, so the refusal costs no load and writes nothing."""
+    from llmprune.structured import prune
+
+    with pytest.raises(UsageError, match="removes 2.25 of 9 heads; with 3 KV groups of 3 query heads, whole groups "
+                                         "are removed: valid ratios are 0, 0.3333, 0.6667"):
+        prune("smollm2-135m", head_ratio=0.25, dataset="ptb", eval="none", save=str(tmp_path / "out"))
+    assert list(tmp_path.iterdir()) == []
