@@ -11,7 +11,7 @@ the layer pass propagates through the dense layers, so one measurement serves ev
 each configuration is then planned, rebuilt and evaluated. Results are written after every
 configuration, so a stopped run keeps what it measured.
 
-    PYTHONPATH=. python evals/structured_table.py --sizes 0.25 --eval-tokens 4096 \
+    PYTHONPATH=. python evals/structured_table.py --sizes 0.25 --eval-tokens 4096 --threads 1 \
         --recipes activation:yes,magnitude:no,activation:no --then-sizes 0.1,0.4 --then-recipes activation:yes \
         --out evals/results/structured-smollm2-2026-12-02.json
     python evals/structured_table.py --plot-only --out evals/results/structured-smollm2-2026-12-02.json
@@ -96,8 +96,8 @@ def decode_tokens_per_second(model, prompt: torch.Tensor, new_tokens: int, repea
     with torch.inference_mode():
         for _ in range(repeats):
             start = time.perf_counter()
-            out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                 pad_token_id=model.config.eos_token_id)
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=model.config.eos_token_id)
             times.append(time.perf_counter() - start)
             assert out.shape[1] == prompt.shape[1] + new_tokens
     return prompt.shape[0] * new_tokens / stats_lib.median(times)
@@ -239,7 +239,8 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=16384, help="tokens per evaluation source (whole windows)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared CPU more threads than "
+                    "free cores made a 512-token prefill take 21 s)")
     ap.add_argument("--repeats", type=int, default=3, help="speed: median of this many runs")
     ap.add_argument("--new-tokens", type=int, default=32, help="decode: tokens generated per run")
     ap.add_argument("--no-speed", action="store_true")
