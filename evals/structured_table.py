@@ -224,6 +224,47 @@ def run_row(result, model, groups, stats, config, counts, axis, target, reconstr
           f"speed {row['speed']}", flush=True)
 
 
+def speed_interleaved(result: dict, model, groups, eval_stream: torch.Tensor, args) -> None:
+    """Speed of each shape (every axis at each of ``--speed-sizes``) measured in turns with the dense model (dense, pruned, dense, ...), so
+    that other load on a shared machine hits both alike; appended to ``result["speed_interleaved"]``.
+    Speed depends only on the shapes, so the models are rebuilt with magnitude scores, no data."""
+    from llmprune.structured.statistics import Statistics
+
+    shapes = list(dict.fromkeys(counts_for(axis, target, groups) for target in args.speed_sizes
+                                for axis in args.axes.split(",")))
+    config = StructuredConfig(model=args.model, criterion="magnitude", reconstruct=False, progress=False)
+    single = argparse.Namespace(**{**vars(args), "repeats": 1})
+    for counts in shapes:
+        shape = (counts.head_groups, counts.ffn_channels, counts.drop_layers)
+        plan = make_plan(model, groups, Statistics(), config, counts)
+        smaller, _ = rebuild(model, groups, Statistics(), plan, counts, config)
+        runs = {"dense": [], "pruned": []}
+        for _ in range(args.repeats):
+            runs["dense"].append(speed(model, eval_stream, single))
+            runs["pruned"].append(speed(smaller, eval_stream, single))
+        medians = {name: {k: stats_lib.median(m[k] for m in ms) for k in ms[0]} for name, ms in runs.items()}
+        entry = {"counts": dict(zip(("kv_groups_per_layer", "ffn_channels_per_layer", "layers"), shape)),
+                 "params": count_parameters(smaller), **medians,
+                 "speedup": {k: (medians["dense"][k] / medians["pruned"][k] if k.startswith("prefill")
+                                 else medians["pruned"][k] / medians["dense"][k]) for k in medians["dense"]}}
+        result.setdefault("speed_interleaved", []).append(entry)
+        write_json_atomic(args.speed_out, result)
+        print(f"speed {entry['counts']}: {entry['speedup']}", flush=True)
+
+
+def speed_markdown(speed_result: dict) -> str:
+    lines = ["| removed (per layer / layers) | params | prefill 512: dense / pruned (s) | decode b1: dense / pruned (tok/s) | "
+             "decode b8: dense / pruned (tok/s) |", "|---|---|---|---|---|"]
+    for e in speed_result.get("speed_interleaved", []):
+        c, d, p, x = e["counts"], e["dense"], e["pruned"], e["speedup"]
+        lines.append(f"| {c['kv_groups_per_layer']} KV groups, {c['ffn_channels_per_layer']} FFN channels / {c['layers']} layers | "
+                     f"{e['params']['total']:,} | {d['prefill_512_seconds']:.2f} / {p['prefill_512_seconds']:.2f} "
+                     f"(**{x['prefill_512_seconds']:.2f}x**) | {d['decode_b1_tokens_per_s']:.2f} / {p['decode_b1_tokens_per_s']:.2f} "
+                     f"(**{x['decode_b1_tokens_per_s']:.2f}x**) | {d['decode_b8_tokens_per_s']:.2f} / "
+                     f"{p['decode_b8_tokens_per_s']:.2f} (**{x['decode_b8_tokens_per_s']:.2f}x**) |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -246,6 +287,10 @@ def main() -> None:
     ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--append", action="store_true", help="add rows to --out (its dense row is kept)")
     ap.add_argument("--plot-only", action="store_true")
+    ap.add_argument("--speed-only", action="store_true", help="only time the shapes of --out's rows at --speed-sizes "
+                    "against dense, in turns (writes speed_interleaved into --out)")
+    ap.add_argument("--speed-sizes", default="0.25")
+    ap.add_argument("--speed-out", type=Path, default=None, help="JSON of --speed-only (read by --plot-only too)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -253,13 +298,24 @@ def main() -> None:
     if args.plot_only:
         result = json.loads(args.out.read_text())
         print(plot_svg(result["rows"], result["dense"], args.out.with_suffix(".svg")))
-        args.out.with_suffix(".md").write_text(markdown(result) + "\n")
-        print(markdown(result))
+        text = markdown(result)
+        if args.speed_out is not None and args.speed_out.exists():
+            text += "\n\n" + speed_markdown(json.loads(args.speed_out.read_text()))
+        args.out.with_suffix(".md").write_text(text + "\n")
+        print(text)
         return
 
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, dtype="float32")
     groups = find_groups(model)
+    if args.speed_only:
+        args.speed_sizes = [float(x) for x in args.speed_sizes.split(",")]
+        result = {"protocol": f"CPU fp32, {args.threads} torch threads; dense and pruned timed in turns, median of "
+                              f"{args.repeats}; decode {args.new_tokens} new tokens after a 16-token prompt; machine "
+                              f"shared with two other jobs", "versions": library_versions(),
+                  "commands": ["python " + " ".join(os.sys.argv)]}
+        speed_interleaved(result, model, groups, data.get_eval_tokens("ptb", tokenizer, seqlen=args.seqlen), args)
+        return
     add_bos = data.needs_bos(tokenizer)
     calibration = data.get_calibration("ptb", tokenizer, nsamples=args.nsamples, seqlen=args.seqlen, seed=0,
                                        add_bos=add_bos)
