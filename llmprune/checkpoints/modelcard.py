@@ -307,6 +307,19 @@ def _size_lines(meta: dict) -> list[str]:
     ]
 
 
+def _structured_lines(structured: dict) -> list[str]:
+    """Parameters before and after structured pruning, and what was removed."""
+    p = structured.get("params") or {}
+    lines = ["| parameters | before | after |", "|---|---|---|"]
+    for kind in ("total", "decoder"):
+        if f"{kind}_before" in p:
+            lines.append(f"| {kind} | {p[f'{kind}_before']:,} | {p[f'{kind}_after']:,} |")
+    lines += ["", f"Removed: decoder layers {structured.get('dropped_layers', [])}; per kept layer "
+                  f"{structured.get('head_groups_removed_per_layer', 0)} KV head groups and "
+                  f"{structured.get('ffn_channels_removed_per_layer', 0)} FFN channels."]
+    return lines
+
+
 def _recipe_lines(meta: dict) -> list[str]:
     recipe = meta.get("recipe") or {}
     calib = recipe.get("calibration") or {}
@@ -399,17 +412,22 @@ def render_card(meta: dict, *, name: str, repo_id: str | None = None) -> str:
     base = meta.get("base_model") or {}
     fmt = "compressed (llmprune format v1)" if meta.get("format") == "llmprune-compressed" else "dense (zeros in place)"
     ref = repo_id or f"path/to/{name}"
+    structured = meta.get("structured")
+    intro = (f"{_base_name(base) or 'A causal language model'} made smaller by structured pruning "
+             f"({recipe.get('method', '?')}) by llmprune {(meta.get('versions') or {}).get('llmprune', '')}: "
+             "heads, FFN channels and layers removed, a plain dense model." if structured else
+             f"{_base_name(base) or 'A causal language model'} pruned "
+             + ("gradually during fine-tuning (gmp)" if recipe.get("method") == "gmp" and recipe.get("finetune")
+                else f"in one shot with {recipe.get('method', '?')}")
+             + f" at pattern {_pattern_short(recipe.get('pattern'))} by "
+             f"llmprune {(meta.get('versions') or {}).get('llmprune', '')}. "
+             f"Weights: {fmt}.")
     body = [
         MARKER,
         "",
         f"# {name}",
         "",
-        f"{_base_name(base) or 'A causal language model'} pruned "
-        + ("gradually during fine-tuning (gmp)" if recipe.get("method") == "gmp" and recipe.get("finetune")
-           else f"in one shot with {recipe.get('method', '?')}")
-        + f" at pattern {_pattern_short(recipe.get('pattern'))} by "
-        f"llmprune {(meta.get('versions') or {}).get('llmprune', '')}. "
-        f"Weights: {fmt}.",
+        intro,
         *_finetune_intro(recipe),
         "",
         "## Results",
@@ -419,7 +437,7 @@ def render_card(meta: dict, *, name: str, repo_id: str | None = None) -> str:
         "",
         "## Size",
         "",
-        *(_size_lines(meta) or ["Not recorded."]),
+        *(_structured_lines(structured) if structured else _size_lines(meta) or ["Not recorded."]),
         "",
         "## How it was made",
         "",
