@@ -245,3 +245,27 @@ def test_bad_eval_tasks_fail_in_one_line_before_pruning(tiny_llama_dir, tmp_path
     assert code == 2
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and expected in err, err
     assert not out.exists() and not results.exists()
+
+
+def test_structured_scores_tasks_on_the_dense_and_the_smaller_model(tiny_llama_dir, tmp_path, one_thread):
+    from huggingface_hub import ModelCard
+
+    from llmprune.cli.structured import format_table
+    from llmprune.structured import prune as structured_prune
+
+    result = structured_prune(str(tiny_llama_dir), ffn_ratio=0.25, dataset="ptb", nsamples=4, seqlen=32, eval="none",
+                              device="cpu", progress=False, eval_tasks="offline_wiki_cloze", eval_tasks_limit=4,
+                              save=str(tmp_path / "small"))
+    for summary in (result.dense_zeroshot, result.pruned_zeroshot):
+        assert summary["tasks"] == ["offline_wiki_cloze"] and summary["limit"] == 4
+        assert 0.0 <= summary["results"]["offline_wiki_cloze"]["acc,none"] <= 1.0
+    assert "pruned offline_wiki_cloze" in format_table(result) and "dense offline_wiki_cloze" in format_table(result)
+    meta = json.loads((tmp_path / "small" / "llmprune.json").read_text())
+    assert meta["results"]["pruned_zeroshot"] == result.pruned_zeroshot
+    card = ModelCard.load(tmp_path / "small" / "README.md")
+    found = {(r.dataset_type, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert found[("offline_wiki_cloze", "acc")] == round(result.pruned_zeroshot["results"]["offline_wiki_cloze"]["acc,none"], 4)
+    with pytest.raises(llmprune.UsageError, match="no_such_task"):
+        structured_prune(str(tiny_llama_dir), ffn_ratio=0.25, dataset="ptb", eval_tasks="no_such_task",
+                         save=str(tmp_path / "never"))
+    assert not (tmp_path / "never").exists()

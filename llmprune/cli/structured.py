@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from llmprune.cli.common import add_field_flag, add_log_level, run_reporting_errors, setup_logging
+from llmprune.cli.common import add_field_flag, add_log_level, aligned, format_task_rows, run_reporting_errors, setup_logging
 from llmprune.structured.config import StructuredConfig
 
 
@@ -33,8 +33,8 @@ def format_table(result) -> str:
     for label, measured in (("dense", result.dense_ppl), ("pruned", result.pruned_ppl)):
         for name, res in measured.items():
             rows.append((f"{label} {name}", f"{res.ppl:.3f}", str(res.n_tokens), str(res.seqlen)))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows] if len(rows) > 1 else []
+    lines = aligned(rows) if len(rows) > 1 else []
+    lines += format_task_rows([("dense", result.dense_zeroshot), ("pruned", result.pruned_zeroshot)])
     p = result.params
     lines.append(f"parameters {p['total_before']:,} -> {p['total_after']:,} (decoder {p['decoder_before']:,} -> "
                  f"{p['decoder_after']:,}, {1 - p['decoder_after'] / p['decoder_before']:.1%} removed)")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from llmprune.evaluation.zeroshot import option_field as zeroshot_field
+
 
 def _opt(default, help: str, **extra):
     return field(default=default, metadata={"help": help, **extra})
@@ -43,6 +45,11 @@ class StructuredConfig:
     eval_seqlen: int | None = _opt(None, "evaluation window length (default: --seqlen)")
     max_eval_tokens: int | None = _opt(None, "evaluate at most this many tokens per source (whole windows)")
     dense_eval: bool = _opt(True, "also evaluate the dense model before pruning")
+    # Zero-shot tasks through lm-eval: the same four fields in every entry point (llmprune.evaluation.zeroshot).
+    eval_tasks: str | None = zeroshot_field("eval_tasks")
+    eval_tasks_limit: int | None = zeroshot_field("eval_tasks_limit")
+    eval_batch_size: int = zeroshot_field("eval_batch_size")
+    num_fewshot: int = zeroshot_field("num_fewshot")
     save: str | None = _opt(None, "write the smaller model (plain Hugging Face safetensors folder) here")
     overwrite: bool = _opt(False, "allow --save into an existing non-empty folder (replaced atomically)")
     results: str | None = _opt(None, "write the results JSON here (CLI default: llmprune-results/<model>-structured-<time>.json)")

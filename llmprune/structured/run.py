@@ -44,6 +44,9 @@ class StructuredResult:
     params: dict[str, int]
     dense_ppl: dict[str, perplexity.PerplexityResult] = field(default_factory=dict)
     pruned_ppl: dict[str, perplexity.PerplexityResult] = field(default_factory=dict)
+    # --eval-tasks: llmprune.evaluation.zeroshot.evaluate_tasks' dicts ({} when not measured)
+    dense_zeroshot: dict = field(default_factory=dict)
+    pruned_zeroshot: dict = field(default_factory=dict)
     reconstruction_error: dict[str, list[float]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     seqlen: int = 0
@@ -72,6 +75,7 @@ class StructuredResult:
                 "reconstruction_relative_error": self.reconstruction_error,
             },
             "results": {"sparsity": 0.0, "dense_ppl": ppl(self.dense_ppl), "pruned_ppl": ppl(self.pruned_ppl),
+                        "dense_zeroshot": self.dense_zeroshot, "pruned_zeroshot": self.pruned_zeroshot,
                         "seconds": self.seconds},
             "layers": [],
         }
@@ -117,6 +121,10 @@ def prune(
     trust_remote_code: bool = False,
     revision: str | None = None,
     progress: bool = True,
+    eval_tasks: str | None = None,
+    eval_tasks_limit: int | None = None,
+    eval_batch_size: int = 1,
+    num_fewshot: int = 0,
     tokenizer=None,
     loaded_model=None,
 ) -> StructuredResult:
@@ -141,13 +149,17 @@ def prune(
     enable_bias = bias_fields_needed(config, skeleton.config, groups, counts)
     rewrite.check_loadable(skeleton, groups, counts, enable_bias)
     del skeleton
-    return _Run(config, counts, enable_bias).execute(loaded_model, tokenizer)
+    from llmprune.evaluation import zeroshot
+
+    tasks = zeroshot.prepare_tasks(zeroshot.ZeroShotOptions.from_config(config))  # names, lm-eval, network, data
+    return _Run(config, counts, enable_bias, tasks).execute(loaded_model, tokenizer)
 
 
 class _Run:
     """The stages of :func:`prune` after its checks, each timed into ``seconds``."""
 
-    def __init__(self, config: StructuredConfig, counts: Counts, enable_bias: tuple[str, ...]):
+    def __init__(self, config: StructuredConfig, counts: Counts, enable_bias: tuple[str, ...], tasks=None):
+        self.tasks = tasks  # prepared --eval-tasks (llmprune.evaluation.zeroshot.TaskSet) or None
         self.config, self.counts, self.enable_bias = config, counts, enable_bias
         self.seconds: dict[str, float] = {}
         self.device = devices.resolve_device(config.device)
@@ -161,12 +173,14 @@ class _Run:
     def execute(self, loaded_model, tokenizer) -> StructuredResult:
         config = self.config
         original, tokenizer = self.timed("load", self.load, loaded_model, tokenizer)
+        self.tokenizer_for_tasks = tokenizer
         groups = find_groups(original)
         self.seqlen, self.eval_seqlen, self.add_bos = window_lengths(original, tokenizer, config)
         calibration, self.eval_tokens = self.timed("data", self.read_data, tokenizer)
         dense_ppl = {}
         if config.dense_eval and self.eval_tokens:
             dense_ppl = self.timed("eval_dense", self.evaluate, original)
+        dense_zeroshot = self.timed("eval_tasks_dense", self.evaluate_tasks, original) if config.dense_eval else {}
         stats = self.timed("statistics", measure, original, groups, calibration, config, self.counts, self.device)
         plan = make_plan(original, groups, stats, config, self.counts)
         smaller, errors = self.timed("rebuild", rebuild, original, groups, stats, plan, self.counts, config,
@@ -177,8 +191,10 @@ class _Run:
                                   reconstruction_error=errors, seconds=self.seconds, seqlen=self.seqlen)
         if calibration is not None:
             result.calibration_sha256 = hashlib.sha256(calibration.numpy().tobytes()).hexdigest()
+        result.dense_zeroshot = dense_zeroshot
         if self.eval_tokens:
             result.pruned_ppl = self.timed("eval_pruned", self.evaluate, smaller)
+        result.pruned_zeroshot = self.timed("eval_tasks_pruned", self.evaluate_tasks, smaller)
         if config.save is not None:
             save_result(result)
         if config.results is not None:
@@ -205,6 +221,18 @@ class _Run:
 
     def evaluate(self, model):
         return evaluate(model, self.eval_tokens, self.config, self.device, self.eval_seqlen, self.add_bos)
+
+    def evaluate_tasks(self, model) -> dict:
+        """--eval-tasks on ``model``, moved to the compute device and back; {} without tasks."""
+        from llmprune.evaluation import zeroshot
+
+        if self.tasks is None:
+            return {}
+        model.to(self.device)
+        try:
+            return zeroshot.evaluate_tasks(model, self.tokenizer_for_tasks, self.tasks, add_bos=self.add_bos or None)
+        finally:
+            model.to("cpu")
 
 
 def check_config(config: StructuredConfig) -> None:
