@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from llmprune.checkpoints.save import library_versions, write_json_atomic
+from llmprune.checkpoints.files import write_json_atomic
+from llmprune.checkpoints.save import library_versions
 from llmprune.pipeline import prune
 
 PHASES = ("load", "data", "eval_dense", "capture", "statistics", "solve", "propagate", "eval_pruned", "save")

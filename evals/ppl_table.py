@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
-from llmprune.checkpoints.save import library_versions, write_json_atomic
-from llmprune.models.sources import load_model
+from llmprune.checkpoints.files import write_json_atomic
+from llmprune.checkpoints.save import library_versions
+from llmprune.models.loader import load_model
 from llmprune.pipeline import prune
 
 PATTERNS = {"50%": ("unstructured", 0.5), "2:4": ("2:4", None), "4:8": ("4:8", None), "70%": ("unstructured", 0.7)}
