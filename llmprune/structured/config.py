@@ -45,11 +45,6 @@ class StructuredConfig:
     eval_seqlen: int | None = _opt(None, "evaluation window length (default: --seqlen)")
     max_eval_tokens: int | None = _opt(None, "evaluate at most this many tokens per source (whole windows)")
     dense_eval: bool = _opt(True, "also evaluate the dense model before pruning")
-    # Zero-shot tasks through lm-eval: the same four fields in every entry point (llmprune.evaluation.zeroshot).
-    eval_tasks: str | None = zeroshot_field("eval_tasks")
-    eval_tasks_limit: int | None = zeroshot_field("eval_tasks_limit")
-    eval_batch_size: int = zeroshot_field("eval_batch_size")
-    num_fewshot: int = zeroshot_field("num_fewshot")
     save: str | None = _opt(None, "write the smaller model (plain Hugging Face safetensors folder) here")
     overwrite: bool = _opt(False, "allow --save into an existing non-empty folder (replaced atomically)")
     results: str | None = _opt(None, "write the results JSON here (CLI default: llmprune-results/<model>-structured-<time>.json)")
@@ -58,6 +53,11 @@ class StructuredConfig:
     trust_remote_code: bool = _opt(False, "allow model code from the Hub (off by default)")
     revision: str | None = _opt(None, "Hub revision (branch, tag or commit) of --model")
     progress: bool = _opt(True, "show progress bars")
+    # Zero-shot tasks through lm-eval: the same four fields in every entry point (llmprune.evaluation.zeroshot).
+    eval_tasks: str | None = zeroshot_field("eval_tasks")
+    eval_tasks_limit: int | None = zeroshot_field("eval_tasks_limit")
+    eval_batch_size: int = zeroshot_field("eval_batch_size")
+    num_fewshot: int = zeroshot_field("num_fewshot")
 
     @property
     def eval_sources(self) -> list[str]:
