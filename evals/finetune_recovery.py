@@ -149,6 +149,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared 2-core machine more threads spin against other jobs)")
     parser.add_argument("--only-prune", action="store_true", help="stage 1 only")
+    parser.add_argument("--append", action="store_true",
+                        help="keep --out's runs (a run of the same key is replaced): add runs with the same budget later")
+    parser.add_argument("--machine-note", default="2-core CPU", help="what else shared the machine (recorded in the JSON)")
     parser.add_argument("--out", default="evals/results/finetune_recovery-2026-12-02.json")
     parser.add_argument("--plot", default="evals/results/finetune_recovery-2026-12-02.svg")
     args = parser.parse_args()
@@ -184,6 +187,18 @@ def main() -> None:
     out = Path(args.out)
     rows: list[dict] = []
     dense_before = None
+    previous_machines: dict[str, str] = {}
+    if args.append and out.is_file():
+        previous = json.loads(out.read_text())
+        budget = ("model", "calib_nsamples", "calib_seqlen", "steps", "seqlen", "batch_size", "grad_accum", "lr", "warmup",
+                  "distill_weight", "prune_every", "eval_seqlen", "max_eval_tokens")
+        differ = [k for k in budget if previous["args"].get(k) != vars(args)[k]]
+        if differ:
+            raise SystemExit(f"--append: {', '.join(differ)} differ from {out}'s runs; the table needs one budget")
+        previous_machines = previous.get("machines") or {r["key"]: previous["machine"] for r in previous["runs"]}
+        rows = [r for r in previous["runs"] if r["key"] not in args.runs.split(",")]
+        prune_seconds.update(previous.get("prune_seconds", {}))
+        dense_before = next((r["before"] for r in rows if r["model"] == args.model), None)
     for key in [k.strip() for k in args.runs.split(",") if k.strip()]:
         label, model, extra = runs[key]
         model = checkpoint(model) if model in PRUNED else model
@@ -197,8 +212,9 @@ def main() -> None:
                      "tokens_seen": result.tokens_seen, "seconds": result.seconds, "recipe": result.recipe(),
                      "loss_curve": result.loss_curve})
         del result
-        payload = {"date": "2026-12-02", "machine": f"{platform.node()} ({torch.get_num_threads()} torch threads, "
-                   "2-core CPU shared with two other jobs)", "args": vars(args), "prune_seconds": prune_seconds,
+        machine = f"{platform.node()} ({torch.get_num_threads()} torch threads, {args.machine_note})"
+        payload = {"date": time.strftime("%Y-%m-%d"), "machine": machine, "args": vars(args),
+                   "machines": {**previous_machines, key: machine}, "prune_seconds": prune_seconds,
                    "runs": rows, "goal": goal(rows)}
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(payload, indent=2) + "\n")
