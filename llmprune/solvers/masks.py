@@ -30,11 +30,18 @@ class SolveResult:
     mask:   [out, in] bool on the same device, ``True`` = keep.
     error:  the method's own reconstruction-loss estimate (SparseGPT: sum of OBS losses),
         or ``None`` for methods without one.
+    quant:  the ``llmprune.solvers.quant.QuantGrid`` the kept weights lie on when the solver
+        quantized them (``weight`` is then exactly ``dequantize(codes, grid)`` in its dtype),
+        else ``None``.
+    quant_error: with ``quant``: the quantization's own loss estimate (GPTQ: summed
+        ``(w - q)^2 / [H^-1]_jj / 2`` over the kept weights), else ``None``.
     """
 
     weight: Tensor
     mask: Tensor
     error: float | None = None
+    quant: object | None = None
+    quant_error: float | None = None
 
 
 def keep_mask_unstructured(score: Tensor, sparsity: float, dim: int | None = None) -> Tensor:
