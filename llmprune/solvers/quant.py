@@ -121,8 +121,11 @@ def fit_grid(weight: Tensor, keep: Tensor | None, bits: int, sym: bool) -> tuple
     lo = torch.where(torch.isfinite(lo), lo, 0.0)  # a row that keeps nothing
     hi = torch.where(torch.isfinite(hi), hi, 0.0)
     if sym:
+        # lo = -hi also when no kept weight is negative: GPTQ's find_params keeps lo = 0 there,
+        # which halves the covered range (scale hi / maxq around the middle zero) and clamps
+        # every weight above ~hi / 2
         hi = torch.maximum(lo.abs(), hi)
-        lo = torch.where(lo < 0, -hi, lo)
+        lo = -hi
     empty = (lo == 0) & (hi == 0)
     lo, hi = torch.where(empty, -1.0, lo), torch.where(empty, 1.0, hi)
     scale = ((hi - lo) / maxq).clamp(min=_SCALE_FLOOR).half().float()
