@@ -19,6 +19,10 @@ asymmetric (default): ``lo = min(min kept, 0)``, ``hi = max(max kept, 0)``,
 ``hi = max(|lo|, hi)``, ``scale = 2 hi / maxq``, ``zero = (maxq + 1) / 2``. A group whose kept
 weights are all zero (or that keeps none) gets ``lo, hi = -1, 1`` as in GPTQ. Quantizing a
 value (:func:`quantize`): ``q = clamp(round(w / scale) + zero, 0, maxq)``.
+
+Solvers: :func:`round_to_nearest` (the baseline) and :func:`gptq_quantize` (GPTQ with a fixed
+mask, for methods that prune first); SparseGPT quantizes inside its own sweep
+(``sparsegpt_prune(..., quant=...)``).
 """
 
 from __future__ import annotations
