@@ -299,7 +299,9 @@ def test_pruned_weights_stay_zero_and_the_pattern_stays_valid(pattern, cfg):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("cfg", [QuantConfig(8, -1), QuantConfig(8, 8), QuantConfig(4, 16, sym=True), QuantConfig(2, 8)], ids=str)
+@pytest.mark.parametrize(
+    "cfg", [QuantConfig(8, -1), QuantConfig(8, 8), QuantConfig(4, 16, sym=True), QuantConfig(2, 8)], ids=str
+)
 def test_gptq_with_identity_hessian_is_round_to_nearest(dtype, cfg):
     # H = c I: H^-1 and its Cholesky factor are diagonal (damping too), so no error moves to
     # another column and every grid is fitted on the weights as given: exactly RTN.

@@ -238,7 +238,8 @@ def gptq_quantize(
     (``d = U[j, j]``); each kept weight is rounded to its group's grid (:func:`quantize`) and
     ``(w - q) / d`` propagated to the later columns. A group's grid is fitted
     (:func:`fit_grid`) when the sweep reaches its first column, on the kept entries of the
-    group's current (already updated) weights. Pruned entries move under those updates; the
+    group's current (already updated) weights (IST reads the group from ``W``, which misses
+    the current block's updates when ``groupsize < blocksize``). Pruned entries move under those updates; the
     sweep sets them back to exactly 0 and propagates ``w / d`` too (the OBS step for a weight
     held at 0; IST's GPTQ has no mask). With ``H = I`` nothing propagates and the result is
     :func:`round_to_nearest`'s.

@@ -284,10 +284,11 @@ def _quantized_sweep(
                 else:  # the group as the unquantized solver would leave it from here
                     values, mask = _dry_run(at, c, c + group, keep, decided, pattern, blocksize)
                     values, mask = values[:, :group], mask[:, :group]
-                s, z = fit_grid(values, mask, config.wbits, config.sym)  # (out,) each
-                scale[:, c // group], zero[:, c // group] = s, z
+                scale_c, zero_c = fit_grid(values, mask, config.wbits, config.sym)  # (out,) each
+                scale[:, c // group], zero[:, c // group] = scale_c, zero_c
             w = W1[:, i]  # (out,)
-            q = dequantize(quantize_codes(w, s, z, maxq), s, z, dtype).float()
+            # the value the weight will have in its dtype, so err is the error it really makes
+            q = dequantize(quantize_codes(w, scale_c, zero_c, maxq), scale_c, zero_c, dtype).float()
             q = torch.where(keep1[:, i], q, 0.0)
             err = (w - q) / d1[i]  # (out,)
             # OBS update of this and the remaining columns of the block
@@ -319,7 +320,9 @@ def _current_columns(at: tuple, a: int, b: int) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
-def _dry_run(at: tuple, c: int, e: int, keep: Tensor, decided: int, pattern: Pattern, blocksize: int) -> tuple[Tensor, Tensor]:
+def _dry_run(
+    at: tuple, c: int, e: int, keep: Tensor, decided: int, pattern: Pattern, blocksize: int
+) -> tuple[Tensor, Tensor]:
     """What the unquantized solver would make of columns c..e-1 from the sweep's current state:
     (weights [out, e - c] fp32, keep [out, e - c] bool). Columns < ``decided`` keep their mask
     (``keep``); later ones get the pattern's rule when the dry run reaches their unit (an
