@@ -241,7 +241,10 @@ def gptq_quantize(
     group's current (already updated) weights (IST reads the group from ``W``, which misses
     the current block's updates when ``groupsize < blocksize``). Pruned entries move under those updates; the
     sweep sets them back to exactly 0 and propagates ``w / d`` too (the OBS step for a weight
-    held at 0; IST's GPTQ has no mask). With ``H = I`` nothing propagates and the result is
+    held at 0; IST's GPTQ has no mask). This is the joint SparseGPT rule with a mask that is
+    already decided: there the grid is fitted on what the unquantized solver would leave from
+    the current state, which for a fixed mask is the current weights. With ``H = I`` nothing
+    propagates and the result is
     :func:`round_to_nearest`'s.
     Returns SolveResult(weight: input dtype, kept entries exactly on ``quant`` (``codes_of``
     + ``dequantize`` reproduce it bitwise), pruned entries 0; mask: ``keep``; error None;

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -229,6 +230,21 @@ def _sweep_columns(W1: Tensor, keep1: Tensor, Hinv1: Tensor, pattern: Pattern) -
     return Err1
 
 
+class _InBlock(NamedTuple):
+    """Where the quantized sweep stands inside a block, for reading current column values:
+    W [out, in] (updated up to the block's lazy update), W1 [out, b] (the block, updated
+    column by column), Err1 [out, b] (the scaled errors of its swept columns, 0 for the rest),
+    Hinv [in, in] the upper factor, the block's columns i1..i2-1, pending = some swept."""
+
+    W: Tensor
+    W1: Tensor
+    Err1: Tensor
+    Hinv: Tensor
+    i1: int
+    i2: int
+    pending: bool
+
+
 def _quantized_sweep(
     W: Tensor,
     inverse: InverseHessian,
@@ -278,7 +294,7 @@ def _quantized_sweep(
                 keep1[:, i:j] = keep_mask_nm(W1[:, i:j].square() / d1[i:j].square(), pattern.n, pattern.m)
                 decided = c + pattern.m
             if c % group == 0:
-                at = (W, W1, Err1, Hinv, i1, i2, i > 0)
+                at = _InBlock(W, W1, Err1, Hinv, i1, i2, i > 0)
                 if pattern is None:  # GPTQ: the group's current weights, fixed mask
                     values, mask = _current_columns(at, c, c + group), keep[:, c : c + group]
                 else:  # the group as the unquantized solver would leave it from here
@@ -305,7 +321,7 @@ def _quantized_sweep(
     return grid, float(ploss), float(qloss)
 
 
-def _current_columns(at: tuple, a: int, b: int) -> Tensor:
+def _current_columns(at: _InBlock, a: int, b: int) -> Tensor:
     """The current values [out, b - a] of columns a..b-1 (a >= the block start i1) in the
     middle of a block: the block's own columns from W1 (updated column by column), later
     columns from W minus the lazy update still pending from the block's swept columns."""
@@ -321,7 +337,7 @@ def _current_columns(at: tuple, a: int, b: int) -> Tensor:
 
 
 def _dry_run(
-    at: tuple, c: int, e: int, keep: Tensor, decided: int, pattern: Pattern, blocksize: int
+    at: _InBlock, c: int, e: int, keep: Tensor, decided: int, pattern: Pattern, blocksize: int
 ) -> tuple[Tensor, Tensor]:
     """What the unquantized solver would make of columns c..e-1 from the sweep's current state:
     (weights [out, e - c] fp32, keep [out, e - c] bool). Columns < ``decided`` keep their mask
@@ -330,8 +346,8 @@ def _dry_run(
     unstructured). The run extends past ``e`` to the end of the last unit it decides, so the
     rule always sees whole units; updates to columns after that are not needed and not made.
     """
-    cols = at[0].shape[1]
-    Hinv = at[3]
+    cols = at.W.shape[1]
+    Hinv = at.Hinv
     if e > decided:
         unit = pattern.m if isinstance(pattern, NM) else blocksize
         e = min(cols, -(-e // unit) * unit)
