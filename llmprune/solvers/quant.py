@@ -244,8 +244,8 @@ def gptq_quantize(
     from the current state; with a fixed mask that is the current weights). Pruned entries
     move under the updates; the sweep sets them back to exactly 0 and propagates ``w / d`` too
     (the OBS step for a weight held at 0; IST's GPTQ has no mask; dropping the drift instead
-    measured 2-13 % more error than propagating it, Wanda masks on correlated inputs). With ``H = I`` nothing propagates and the
-    result is :func:`round_to_nearest`'s.
+    measured 2-13 % more error than propagating it, Wanda masks on correlated inputs). With
+    ``H = I`` nothing propagates and the result is :func:`round_to_nearest`'s.
     Returns SolveResult(weight: input dtype, kept entries exactly on ``quant`` (``codes_of``
     + ``dequantize`` reproduce it bitwise), pruned entries 0; mask: ``keep``; error None;
     quant: the :class:`QuantGrid`; quant_error: the summed GPTQ losses
