@@ -7,6 +7,12 @@ block mask removes exactly ``int(block_numel * sparsity)`` weights (the referenc
 from ``cholesky_solve`` (see ``_upper_cholesky_of_inverse``); a failed Cholesky is retried with
 more dampening instead of crashing (IST) or silently using the identity (llm-compressor).
 With the mask rule aside, the output matches the IST procedure to fp32 rounding.
+
+``sparsegpt_prune(..., quant=QuantConfig(...))`` quantizes inside the same sweep (GPTQ,
+Frantar et al. 2023, IST-DASLab/gptq ``GPTQ.fasterquant``); ``_quantized_sweep`` is that sweep,
+shared with :func:`llmprune.solvers.quant.gptq_quantize` (a fixed mask). The IST SparseGPT's
+``--wbits`` fits per-channel grids once on the dense weight before pruning; here grids are
+fitted per group on the kept weights (see :func:`sparsegpt_prune`).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -28,6 +35,7 @@ from llmprune.solvers.masks import (
     unchanged,
 )
 from llmprune.patterns import NM, Pattern
+from llmprune.solvers.quant import QuantConfig, QuantGrid, dequantize, fit_grid, quantize_codes
 
 @dataclass(frozen=True)
 class SparseGPTConfig:
@@ -89,6 +97,8 @@ def sparsegpt_prune(
     *,
     percdamp: float = 0.01,
     blocksize: int = 128,
+    quant: QuantConfig | None = None,
+    where: str = "",
 ) -> SolveResult:
     """Prune ``weight`` to ``pattern`` and update the kept weights to compensate (OBS).
 
@@ -106,6 +116,45 @@ def sparsegpt_prune(
     loses ``m - n`` per row, chosen when the sweep reaches the group.
     Returns weight (input dtype, pruned entries exactly 0), mask ``True`` = keep, and error =
     the summed OBS losses ``sum (w - q)^2 / [H^-1]_jj / 2``.
+
+    quant: with a :class:`QuantConfig` whose ``wbits`` is set, quantization joins the sweep
+    (GPTQ inside SparseGPT): each kept weight is rounded to its group's grid as the sweep
+    reaches its column and its error ``(w - q) / d`` is propagated to the remaining columns
+    exactly like a pruned weight's ``w / d``. ``None`` (or ``wbits=None``): the unquantized
+    solver, bitwise as before. Groups are ``config.group_size_for(in, where)`` columns
+    (UsageError naming ``where`` if that does not divide ``in``). A dense pattern with quant
+    is plain GPTQ (all weights kept).
+
+    * Order inside a block. Unstructured: (1) the block's mask, from the block's current
+      weights at its start (as without quant); then for each column (2) if it starts a quant
+      group, fit the group's grid; (3) round the kept weights of the column, zero the pruned
+      ones, propagate both errors. N:M: for each column (1) if it starts an m-group, the
+      m-group's mask from its current weights; (2) if it starts a quant group, fit the grid;
+      (3) as above. So a mask is always chosen on weights that already carry the
+      compensation for every earlier column's rounding, and a grid is fitted after the mask
+      of its first column is known.
+    * Grid of a group: fitted (:func:`fit_grid`) when the sweep reaches the group's first
+      column, on the kept weights of a *preview* of the group: a dry run of the unquantized
+      solver from the sweep's current state over the group's columns (their current values,
+      pending lazy updates included; the masks already decided; for the columns not decided
+      yet - the later m-groups for N:M, the later blocks for unstructured, every block of a
+      per-channel grid - the pattern's own rule on whole units, when the dry run reaches
+      them). The preview gives both the mask the undecided columns will most likely get and
+      where the kept weights will move: OBS compensation for pruning moves them much more
+      than rounding does, and a grid fitted on the weights as they are at the group's first
+      column clamps the ones that grow. Measured (joint error / SparseGPT-then-RTN error,
+      mean of 6 seeds, 128 x 128 weights, rank-32 correlated inputs), that simpler rule
+      (current weights, undecided columns counted as kept) against the dry run: 50 % int8
+      per-channel 1.128 vs 0.999; 50 % int4 g32 0.906 vs 0.866; 2:4 int4 g32 1.005 vs 0.982.
+      The sweep's final masks may still differ from the preview (rounding errors move the
+      weights); kept weights outside the grid's range are clamped, as in GPTQ. Cost: the dry
+      runs repeat the column sweep once (measured 2.5-3x the unquantized time on CPU; a
+      per-channel grid's dry run is one unquantized SparseGPT at column 0).
+    * With quant, ``error`` counts the pruned weights' OBS losses ``w^2 / [H^-1]_jj / 2`` only
+      (at the values the sweep met them with) and ``quant_error`` the kept weights' rounding
+      losses ``(w - q)^2 / [H^-1]_jj / 2``; their sum is the sweep's total OBS loss.
+      ``quant`` is the :class:`QuantGrid`; the kept weights lie exactly on it
+      (``dequantize`` of their codes in the weight's dtype), pruned weights are 0.
     """
     check_weight(weight, pattern)
     rows, cols = weight.shape
@@ -120,6 +169,17 @@ def sparsegpt_prune(
         raise UsageError(f"blocksize {blocksize} must be a multiple of M={pattern.m} for pattern {pattern}")
     if not (isinstance(percdamp, (int, float)) and math.isfinite(percdamp) and percdamp >= 0):
         raise UsageError(f"percdamp must be a finite number >= 0, got {percdamp!r}")
+    if quant is not None and not isinstance(quant, QuantConfig):
+        raise TypeError(f"quant must be a QuantConfig or None, got {quant!r}")
+    if quant is not None and quant.enabled:
+        group = quant.group_size_for(cols, where)  # before any work: a bad group size is a usage error
+        W = weight.detach().to(dtype=torch.float32, copy=True)  # (out, in)
+        inverse = hessian if isinstance(hessian, InverseHessian) else inverse_hessian(hessian, percdamp, W.device)
+        W[:, inverse.dead.to(W.device)] = 0.0
+        keep = torch.ones(rows, cols, dtype=torch.bool, device=W.device)  # dense: GPTQ, nothing pruned
+        rule = None if is_dense(pattern) else pattern
+        grid, ploss, qloss = _quantized_sweep(W, inverse, keep, rule, quant, group, blocksize, weight.dtype)
+        return SolveResult(W.to(weight.dtype), keep, ploss, grid, qloss)
     if is_dense(pattern):
         return unchanged(weight, 0.0)
 
@@ -168,6 +228,159 @@ def _sweep_columns(W1: Tensor, keep1: Tensor, Hinv1: Tensor, pattern: Pattern) -
         W1[:, i] = q  # exactly q (the update leaves rounding residue in pruned entries)
         Err1[:, i] = err
     return Err1
+
+
+class _InBlock(NamedTuple):
+    """Where the quantized sweep stands inside a block, for reading current column values:
+    W [out, in] (updated up to the block's lazy update), W1 [out, b] (the block, updated
+    column by column), Err1 [out, b] (the scaled errors of its swept columns, 0 for the rest),
+    Hinv [in, in] the upper factor, the block's columns i1..i2-1, pending = some swept."""
+
+    W: Tensor
+    W1: Tensor
+    Err1: Tensor
+    Hinv: Tensor
+    i1: int
+    i2: int
+    pending: bool
+
+
+def _quantized_sweep(
+    W: Tensor,
+    inverse: InverseHessian,
+    keep: Tensor,
+    pattern: Pattern | None,
+    config: QuantConfig,
+    group: int,
+    blocksize: int,
+    dtype: torch.dtype,
+) -> tuple[QuantGrid, float, float]:
+    """The OBS sweep with quantization: GPTQ (``pattern=None``: ``keep`` is a fixed mask) or
+    SparseGPT + GPTQ (``pattern``: ``keep`` is filled in place by the pattern's rule; see
+    :func:`sparsegpt_prune` for the order and the preview mask).
+
+    W: [out, in] fp32, dead channels already zeroed (and, for a fixed mask, pruned entries);
+    updated in place to the result: kept entries on the grid (values of ``dtype``, held in
+    fp32), pruned entries exactly 0. keep: [out, in] bool, ``True`` = keep. group: the
+    resolved group size (divides ``in``). Pruned weights of a fixed mask drift away from 0
+    under the updates of earlier columns; reaching them, the sweep sets them back to 0 and
+    propagates ``w / d`` like SparseGPT's pruned weights (the OBS step for a weight held at 0;
+    dropping the drift instead leaves that part of the error uncompensated).
+    Returns (grid, summed losses of the pruned entries, summed losses of the kept entries).
+    """
+    rows, cols = W.shape
+    maxq = config.maxq
+    Hinv = inverse.upper.to(W.device)  # (in, in) upper triangular
+    d = Hinv.diagonal()  # (in,)
+    scale = torch.empty(rows, cols // group, dtype=torch.float32, device=W.device)
+    zero = torch.empty_like(scale)
+    decided = cols if pattern is None else 0  # columns < decided have their final mask
+    ploss = torch.zeros((), dtype=torch.float64, device=W.device)
+    qloss = torch.zeros((), dtype=torch.float64, device=W.device)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()  # (out, b); ends up holding the quantized block
+        Hinv1 = Hinv[i1:i2, i1:i2]  # (b, b)
+        d1 = d[i1:i2]
+        Err1 = torch.zeros_like(W1)
+        if pattern is not None and not isinstance(pattern, NM):
+            keep[:, i1:i2] = keep_mask_unstructured(W1.square() / d1.square(), float(pattern.sparsity))
+            decided = i2
+        keep1 = keep[:, i1:i2]  # view: N:M fills it in below
+        for i in range(i2 - i1):
+            c = i1 + i
+            if isinstance(pattern, NM) and c % pattern.m == 0:
+                j = i + pattern.m
+                keep1[:, i:j] = keep_mask_nm(W1[:, i:j].square() / d1[i:j].square(), pattern.n, pattern.m)
+                decided = c + pattern.m
+            if c % group == 0:
+                at = _InBlock(W, W1, Err1, Hinv, i1, i2, i > 0)
+                if pattern is None:  # GPTQ: the group's current weights, fixed mask
+                    values, mask = _current_columns(at, c, c + group), keep[:, c : c + group]
+                else:  # the group as the unquantized solver would leave it from here
+                    values, mask = _dry_run(at, c, c + group, keep, decided, pattern, blocksize)
+                    values, mask = values[:, :group], mask[:, :group]
+                scale_c, zero_c = fit_grid(values, mask, config.wbits, config.sym)  # (out,) each
+                scale[:, c // group], zero[:, c // group] = scale_c, zero_c
+            w = W1[:, i]  # (out,)
+            # the value the weight will have in its dtype, so err is the error it really makes
+            q = dequantize(quantize_codes(w, scale_c, zero_c, maxq), scale_c, zero_c, dtype).float()
+            q = torch.where(keep1[:, i], q, 0.0)
+            err = (w - q) / d1[i]  # (out,)
+            # OBS update of this and the remaining columns of the block
+            W1[:, i:].addmm_(err.unsqueeze(1), Hinv1[i, i:].unsqueeze(0), alpha=-1.0)
+            W1[:, i] = q  # exactly q (the update leaves rounding residue)
+            Err1[:, i] = err
+        sq = Err1.square()
+        ploss += sq.masked_fill(keep1, 0).sum(dtype=torch.float64) / 2
+        qloss += sq.masked_fill(~keep1, 0).sum(dtype=torch.float64) / 2
+        W[:, i1:i2] = W1
+        # lazy batch update of all columns after the block
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1.0)
+    grid = QuantGrid(config.wbits, group, config.sym, scale.half(), zero.half())
+    return grid, float(ploss), float(qloss)
+
+
+def _current_columns(at: _InBlock, a: int, b: int) -> Tensor:
+    """The current values [out, b - a] of columns a..b-1 (a >= the block start i1) in the
+    middle of a block: the block's own columns from W1 (updated column by column), later
+    columns from W minus the lazy update still pending from the block's swept columns."""
+    W, W1, Err1, Hinv, i1, i2, pending = at
+    parts = []
+    if a < i2:
+        parts.append(W1[:, a - i1 : min(b, i2) - i1])
+    if b > i2:
+        lo = max(a, i2)
+        later = W[:, lo:b]
+        parts.append(later - Err1 @ Hinv[i1:i2, lo:b] if pending else later)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _dry_run(
+    at: _InBlock, c: int, e: int, keep: Tensor, decided: int, pattern: Pattern, blocksize: int
+) -> tuple[Tensor, Tensor]:
+    """What the unquantized solver would make of columns c..e-1 from the sweep's current state:
+    (weights [out, e - c] fp32, keep [out, e - c] bool). Columns < ``decided`` keep their mask
+    (``keep``); later ones get the pattern's rule when the dry run reaches their unit (an
+    m-group for N:M, a block of ``blocksize`` columns at the solver's own block boundaries for
+    unstructured). The run extends past ``e`` to the end of the last unit it decides, so the
+    rule always sees whole units; updates to columns after that are not needed and not made.
+    """
+    cols = at.W.shape[1]
+    Hinv = at.Hinv
+    if e > decided:
+        unit = pattern.m if isinstance(pattern, NM) else blocksize
+        e = min(cols, -(-e // unit) * unit)
+    V = _current_columns(at, c, e).clone()  # (out, n)
+    n = e - c
+    K = torch.ones_like(V, dtype=torch.bool)
+    if decided > c:
+        known = min(decided, e)
+        K[:, : known - c] = keep[:, c:known]
+    H = Hinv[c:e, c:e]  # (n, n)
+    d = H.diagonal()
+    j1 = 0
+    while j1 < n:
+        j2 = min(n, ((c + j1) // blocksize + 1) * blocksize - c)  # the solver's block boundaries
+        V1, H1, d1 = V[:, j1:j2].clone(), H[j1:j2, j1:j2], d[j1:j2]
+        K1 = K[:, j1:j2]  # view
+        if not isinstance(pattern, NM) and c + j1 >= decided:  # a block start of an undecided block
+            K1[:] = keep_mask_unstructured(V1.square() / d1.square(), float(pattern.sparsity))
+        E1 = torch.zeros_like(V1)
+        for j in range(j2 - j1):
+            if isinstance(pattern, NM) and c + j1 + j >= decided and (c + j1 + j) % pattern.m == 0:
+                jm = j + pattern.m
+                K1[:, j:jm] = keep_mask_nm(V1[:, j:jm].square() / d1[j:jm].square(), pattern.n, pattern.m)
+            w = V1[:, j]
+            q = torch.where(K1[:, j], w, 0.0)
+            err = (w - q) / d1[j]
+            V1[:, j:].addmm_(err.unsqueeze(1), H1[j, j:].unsqueeze(0), alpha=-1.0)
+            V1[:, j] = q
+            E1[:, j] = err
+        V[:, j1:j2] = V1
+        V[:, j2:].addmm_(E1, H[j1:j2, j2:], alpha=-1.0)
+        j1 = j2
+    return V, K
 
 
 def _upper_cholesky_of_inverse(hessian: Tensor, diag: Tensor, percdamp: float) -> Tensor:
