@@ -12,10 +12,17 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from llmprune.evaluation.zeroshot import option_field as zeroshot_field
+from llmprune.solvers.quant import QuantConfig
 
 
 def _opt(default, help: str, **extra):
     return field(default=default, metadata={"help": help, **extra})
+
+
+def _quant_field(name: str):
+    """A field of :class:`QuantConfig` (default and help) as a PruneConfig field."""
+    (f,) = [f for f in dataclasses.fields(QuantConfig) if f.name == name]
+    return _opt(f.default, f.metadata["help"])
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,10 @@ class PruneConfig:
         "(the statistics pass then runs whole layers and keeps their dense outputs: slower)"
     )
     exclude: str = _opt("", "comma-separated patterns of matrix names inside a layer to leave dense, e.g. 'mlp.gate'")
+    # Quantization of the pruned matrices (llmprune.solvers.quant): joint with SparseGPT, GPTQ after the others.
+    wbits: int | None = _quant_field("wbits")
+    groupsize: int = _quant_field("groupsize")
+    sym: bool = _quant_field("sym")
     trust_remote_code: bool = _opt(False, "allow model code from the Hub (off by default)")
     revision: str | None = _opt(None, "Hub revision (branch, tag or commit) of --model")
     progress: bool = _opt(True, "show progress bars")
@@ -82,6 +93,12 @@ class PruneConfig:
     def eval_sources(self) -> list[str]:
         names = [s.strip() for s in self.eval.split(",") if s.strip()]
         return [] if names in ([], ["none"]) else names
+
+    @property
+    def quant(self) -> QuantConfig | None:
+        """The quantization options, or None without ``--wbits``. UsageError for bad values."""
+        quant = QuantConfig(self.wbits, self.groupsize, self.sym)
+        return quant if quant.enabled else None
 
     @property
     def exclude_patterns(self) -> tuple[str, ...]:

@@ -57,6 +57,9 @@ class PruneResult:
     peak_memory: dict[str, int] = field(default_factory=dict)
     results_path: Path | None = None
     is_main: bool = True  # False on the other ranks of a torchrun job (they save and print nothing)
+    # with --wbits: {parameter name: llmprune.solvers.quant.QuantGrid} of every quantized matrix (rank 0);
+    # save_checkpoint(..., quant_grids=result.quant_grids) stores them packed
+    quant_grids: dict = field(default_factory=dict)
 
     @property
     def sparsity(self) -> float:
@@ -81,6 +84,7 @@ class PruneResult:
                     "token_ids_sha256": self.calibration_sha256,
                 },
                 "config": self.config.to_dict(),
+                "quant": None if self.config.quant is None else self.config.quant.describe(),
             },
             "results": {
                 "sparsity": self.sparsity,
@@ -131,6 +135,9 @@ def prune(
     true_sequential: bool = False,
     output_errors: bool = False,
     exclude: str = "",
+    wbits: int | None = None,
+    groupsize: int = -1,
+    sym: bool = False,
     trust_remote_code: bool = False,
     revision: str | None = None,
     progress: bool = True,
@@ -188,6 +195,7 @@ def _validate(config: PruneConfig) -> Pattern:
         pattern = parse_pattern(config.pattern, config.sparsity)
     except ValueError as error:
         raise UsageError(str(error)) from None
+    config.quant  # noqa: B018 - raises UsageError for a bad --wbits / --groupsize
     for name in ("nsamples", "seqlen", "eval_seqlen", "max_eval_tokens"):
         check_int("--" + name.replace("_", "-"), getattr(config, name), optional=name.startswith(("eval", "max")))
     if config.save is not None:
@@ -372,7 +380,7 @@ class _Run:
         self.model.eval()
         self.seconds["load"] = time.perf_counter() - start
         self.prefix, self.layers = find_decoder_layers(self.model)
-        check_pattern_fits(self.layers, self.pattern, self.config.exclude_patterns)
+        check_pattern_fits(self.layers, self.pattern, self.config.exclude_patterns, self.config.quant)
         self.seqlen = self.config.seqlen
         limit = model_max_length(self.model)
         if limit is not None and self.seqlen > limit:
@@ -386,7 +394,7 @@ class _Run:
         config = self.config
         start = time.perf_counter()
         calibration = None
-        if self.method.needs_data:
+        if self.method.needs_data_for(config.quant):
             calibration = data.get_calibration(config.dataset, self.tokenizer, nsamples=config.nsamples,
                                                seqlen=self.seqlen, seed=config.seed, add_bos=self.add_bos)
         self.eval_tokens = {s: data.get_eval_tokens(s, self.tokenizer, seqlen=self.eval_seqlen)
@@ -413,7 +421,12 @@ class _Run:
             true_sequential=self.config.true_sequential, output_errors=self.config.output_errors,
             streams=self.streams, start=first_layer,
             on_layer_done=self.layer_done, show_progress=self.config.progress and self.group.is_main, group=self.group,
+            quant=self.config.quant,
         )
+        self.loop = loop
+        if self.work is not None and self.group.is_main and self.config.quant is not None:
+            for index in range(first_layer):  # grids of the layers an interrupted run finished
+                loop.quant_grids.update(self.work.read_quant_grids(index))
         captured = hidden = None
         if calibration is not None and first_layer < len(self.layers):  # all done already: no calibration pass
             start = time.perf_counter()
@@ -430,6 +443,7 @@ class _Run:
         self.placement.after_layers(self)
         earlier = self.work.reports[:first_layer] if self.work is not None and self.group.is_main else []
         self.result.layers = [LayerReport.from_dict(r) for r in earlier] + new_reports
+        self.result.quant_grids = self.quant_grids() if self.config.quant is not None and self.group.is_main else {}
         for phase in ("statistics", "solve", "propagate"):
             self.seconds[phase] = sum(layer.seconds.get(phase, 0.0) for layer in new_reports)
         for phase in ("load", "write"):  # moving or reading layers in, writing them out
@@ -450,7 +464,8 @@ class _Run:
             save_checkpoint(self.model, self.tokenizer, config.save, self.result.to_dict(),
                             save_format=config.save_format, base_model=base_model_info(config.model, config.revision),
                             repo_id=config.push_to_hub, overwrite=config.overwrite,
-                            layer_files=self.placement.layer_files(self))
+                            layer_files=self.placement.layer_files(self),
+                            **({"quant_grids": self.quant_grids()} if config.quant is not None else {}))
             self.seconds["save"] = time.perf_counter() - start
         if self.work is not None:
             self.work.finish()
@@ -475,7 +490,19 @@ class _Run:
 
     def layer_done(self, index: int, report: LayerReport) -> None:
         if self.work is not None and self.group.is_main:
+            if self.config.quant is not None:  # before the report: a finished layer always has its grids
+                self.work.write_quant_grids(index, {k: g for k, g in self.loop.quant_grids.items() if k[0] == index})
             self.work.layer_done(index, report.to_dict())
+
+    def quant_grids(self) -> dict:
+        """``{parameter name: QuantGrid}`` of the quantized matrices, for the checkpoint writer."""
+        from llmprune.models.architecture import prunable_matrices
+
+        names = {}
+        for index, layer in enumerate(self.layers):
+            for matrix in prunable_matrices(layer):
+                names[(index, matrix.name)] = f"{self.prefix}.{index}.{matrix.parameter_name}"
+        return {names[key]: grid for key, grid in self.loop.quant_grids.items()}
 
     def store(self, tensors: list[torch.Tensor]) -> HiddenStates:
         folder = self.work.path if self.work is not None else None

@@ -44,7 +44,10 @@ def _format_table(result) -> str:
         rows.append((f"pruned {name}", f"{res.ppl:.3f}", str(res.n_tokens), str(res.seqlen)))
     lines = aligned(rows)
     lines += format_task_rows([("dense", result.dense_zeroshot), ("pruned", result.pruned_zeroshot)])
-    lines.append(f"method {result.config.method}, pattern {result.pattern}, measured sparsity {result.sparsity:.4f}")
+    quant = result.config.quant
+    grid = "" if quant is None else (f", int{quant.wbits} " + ("per channel" if quant.groupsize == -1 else f"g{quant.groupsize}")
+                                     + (" sym" if quant.sym else " asym"))
+    lines.append(f"method {result.config.method}, pattern {result.pattern}{grid}, measured sparsity {result.sparsity:.4f}")
     lines.append("time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))
     return "\n".join(lines)
 

@@ -201,18 +201,22 @@ def prunable_matrices(layer: nn.Module, exclude: tuple[str, ...] = ()) -> list[P
     return found
 
 
-def check_pattern_fits(layers: nn.ModuleList, pattern: Pattern, exclude: tuple[str, ...] = ()) -> None:
-    """Raise ``UsageError`` naming the first matrix whose input size M does not divide.
+def check_pattern_fits(layers: nn.ModuleList, pattern: Pattern, exclude: tuple[str, ...] = (), quant=None) -> None:
+    """Raise ``UsageError`` naming the first matrix whose input size M does not divide, or
+    (``quant``, a ``llmprune.solvers.quant.QuantConfig``) that its quantization group size
+    does not divide.
 
-    Run before any work starts so a bad pattern never costs a calibration pass.
+    Run before any work starts so a bad pattern or group size never costs a calibration pass.
     """
-    if not isinstance(pattern, NM):
+    if not isinstance(pattern, NM) and quant is None:
         return
     for index, layer in enumerate(layers):
         for matrix in prunable_matrices(layer, exclude):
-            if matrix.in_features % pattern.m:
+            if isinstance(pattern, NM) and matrix.in_features % pattern.m:
                 raise UsageError(
                     f"pattern {pattern} does not fit layer {index} {matrix.name}: its input size "
                     f"{matrix.in_features} is not a multiple of {pattern.m}"
                 )
+            if quant is not None:
+                quant.group_size_for(matrix.in_features, f"layer {index} {matrix.name}")
 

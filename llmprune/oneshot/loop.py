@@ -71,6 +71,10 @@ class LayerLoop:
     group: a ``llmprune.runtime.distributed.ProcessGroup``; with several ranks the statistics
         are summed over ranks, rank 0 solves and broadcasts the pruned weights.
     output_errors: measure each layer's relative output error (see above).
+    quant: quantize every pruned matrix (``llmprune.solvers.quant.QuantConfig``): the
+        statistic is then the Hessian for every method and each matrix is solved by
+        ``Method.solve_quantized``; the grids land in :attr:`quant_grids` (rank 0 only),
+        keyed ``(layer index, matrix name)``, for the checkpoint writer.
     """
 
     layers: nn.ModuleList
@@ -87,10 +91,12 @@ class LayerLoop:
     show_progress: bool = True
     group: object | None = None
     output_errors: bool = False
+    quant: object | None = None
 
     def __post_init__(self) -> None:
         from llmprune.runtime.layers import MemoryLayers
 
+        self.quant_grids: dict[tuple[int, str], object] = {}
         if self.config is None:
             self.config = self.method.config()
         if self.weights is None:
@@ -178,7 +184,8 @@ class LayerLoop:
     def _prune_from_data(self, layer, index: int, calls: list[LayerCall], hidden, report: LayerReport) -> None:
         """Statistics pass(es), solve and propagation of one decoder layer."""
         matrices = prunable_matrices(layer, self.exclude)
-        collector = StatisticsCollector(matrices, self.method.statistic, stop_early=not self.output_errors)
+        collector = StatisticsCollector(matrices, self.method.statistic_for(self.quant),
+                                        stop_early=not self.output_errors)
         dense_out = hidden.spare() if self.output_errors else None
         step = 0
         while True:
@@ -221,7 +228,7 @@ class LayerLoop:
             prepared = None
             if self._is_main:  # only rank 0 solves
                 try:
-                    prepared = self.method.prepared(statistic, self.config, self.device)
+                    prepared = self.method.prepared(statistic, self.config, self.device, self.quant)
                 except (ValueError, RuntimeError) as error:
                     names = ", ".join(m.name for m in members)
                     raise type(error)(f"layer {index} {names}: {error}") from error
@@ -266,9 +273,15 @@ class LayerLoop:
         solves and broadcasts the weight."""
         start = time.perf_counter()
         weight = matrix.read_weight()
-        error = None
+        error = quant_error = None
         if self._is_main:
-            result = self.method.solve(weight, prepared, self.pattern, self.config)
+            if self.quant is None:
+                result = self.method.solve(weight, prepared, self.pattern, self.config)
+            else:
+                result = self.method.solve_quantized(weight, prepared, self.pattern, self.config, self.quant,
+                                                     where=f"layer {layer_index} {matrix.name}")
+                self.quant_grids[(layer_index, matrix.name)] = result.quant
+                quant_error = result.quant_error
             matrix.write_weight(result.weight)
             error = result.error
         if self._distributed:
@@ -286,6 +299,7 @@ class LayerLoop:
             sparsity=zeros / weight.numel(),
             solve_seconds=time.perf_counter() - start,
             loss=error,
+            quant_loss=quant_error,
         )
 
     def _statistics_to_solve(self, collector: StatisticsCollector, to_solve, matrices):

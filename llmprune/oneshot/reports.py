@@ -15,6 +15,7 @@ class MatrixReport:
     sparsity: float
     solve_seconds: float
     loss: float | None
+    quant_loss: float | None = None  # with --wbits: the quantization's own loss (GPTQ's), else None
 
     def to_dict(self) -> dict:
         return {**self.__dict__, "shape": list(self.shape)}

@@ -5,6 +5,7 @@ Layout (``--work-dir DIR``)::
     DIR/progress.json             what is done: fingerprint, completed layers, their reports
     DIR/layer-00000.safetensors   decoder layer 0 after pruning (full state-dict names)
     DIR/layer-00001.safetensors   ...
+    DIR/quant-00000.safetensors   with --wbits: the quantization grids of layer 0's matrices
 
 Every file is written to a temporary name and renamed into place, and ``progress.json``
 is rewritten only after the layer file it counts is complete, so a run killed at any
@@ -43,7 +44,7 @@ WORK_VERSION = 1
 
 # Config fields that change the pruned weights; a resumed run must match them all.
 RECIPE_FIELDS = ("model", "revision", "method", "sparsity", "pattern", "dataset", "nsamples", "seqlen", "seed",
-                 "dtype", "true_sequential", "exclude")
+                 "dtype", "true_sequential", "exclude", "wbits", "groupsize", "sym")
 
 
 def fingerprint(config, calibration_sha256: str | None, num_layers: int) -> dict:
@@ -145,6 +146,35 @@ class WorkDir:
         """The tensors written by :meth:`write_layer` (read into memory, no mapping)."""
         header = st.read_header(self.layer_path(index))
         return dict(st.iter_tensors(header, list(header.tensors), str(header.path)))
+
+    def quant_path(self, index: int) -> Path:
+        return self.path / f"quant-{index:05d}.safetensors"
+
+    def write_quant_grids(self, index: int, grids: dict) -> None:
+        """Write layer ``index``'s quantization grids (``{(index, matrix name): QuantGrid}``)
+        atomically, before :meth:`layer_done` counts the layer."""
+        from safetensors.torch import save_file
+
+        tensors, meta = {}, {}
+        for (_, name), grid in grids.items():
+            tensors[f"{name}.scale"] = grid.scale.detach().cpu().contiguous()
+            tensors[f"{name}.zero"] = grid.zero.detach().cpu().contiguous()
+            meta[name] = json.dumps({"bits": grid.bits, "groupsize": grid.groupsize, "sym": grid.sym})
+        replace_atomically(self.quant_path(index), lambda tmp: save_file(tensors, str(tmp), metadata=meta),
+                           durable=True)
+
+    def read_quant_grids(self, index: int) -> dict:
+        """The grids :meth:`write_quant_grids` wrote for layer ``index``."""
+        from llmprune.solvers.quant import QuantGrid
+
+        header = st.read_header(self.quant_path(index))
+        tensors = dict(st.iter_tensors(header, list(header.tensors), str(header.path)))
+        grids = {}
+        for name, text in (header.metadata or {}).items():
+            info = json.loads(text)
+            grids[(index, name)] = QuantGrid(info["bits"], info["groupsize"], info["sym"], tensors[f"{name}.scale"],
+                                             tensors[f"{name}.zero"])
+        return grids
 
     def layer_done(self, index: int, report: dict) -> None:
         """Record that layer ``index`` (already written) is done, with its report."""

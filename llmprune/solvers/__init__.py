@@ -15,11 +15,11 @@ from llmprune.solvers.quant import (
     codes_of,
     dequantize,
     fit_grid,
-    gptq_quantize,
     round_to_nearest,
     rtn_grid,
 )
 from llmprune.solvers.sparsegpt import InverseHessian, SparseGPTConfig, inverse_hessian, sparsegpt_prune
+from llmprune.solvers.gptq import gptq_quantize
 from llmprune.solvers.wanda import WandaConfig, wanda_prune
 
 __all__ = [

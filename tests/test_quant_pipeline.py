@@ -1,0 +1,109 @@
+"""--wbits / --groupsize / --sym through the one-shot pipeline: every method, resume, bad input.
+
+The solvers' maths is tested in test_quant_solvers.py; here: what reaches the model, the
+report and the work folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import llmprune
+from llmprune.errors import UsageError
+from llmprune.models.architecture import find_decoder_layers, prunable_matrices
+from llmprune.runtime.workdir import PROGRESS_FILE
+from llmprune.solvers.quant import codes_of, dequantize
+from test_resilience import HF_ENV, fast, texts  # noqa: F401 - texts is a fixture
+
+
+def quantized_matrices(result):
+    """``(name, weight [out, in], grid)`` of every quantized matrix of a PruneResult."""
+    path, layers = find_decoder_layers(result.model)
+    for index, layer in enumerate(layers):
+        for matrix in prunable_matrices(layer):
+            name = f"{path}.{index}.{matrix.parameter_name}"
+            yield name, matrix.read_weight(), result.quant_grids[name]
+
+
+@pytest.mark.parametrize("method,pattern,sparsity", [("sparsegpt", "2:4", None), ("wanda", "unstructured", 0.5),
+                                                     ("magnitude", "4:8", None), ("sparsegpt", "unstructured", 0.0)])
+@pytest.mark.parametrize("bits,groupsize,sym", [(4, 16, False), (8, -1, True), (3, 32, False)])
+def test_every_method_leaves_weights_on_their_grid(method, pattern, sparsity, bits, groupsize, sym, tiny_llama_dir,
+                                                   texts, one_thread):
+    result = llmprune.prune(str(tiny_llama_dir), **fast(texts, method=method, pattern=pattern, sparsity=sparsity,
+                                                         wbits=bits, groupsize=groupsize, sym=sym))
+    assert len(result.quant_grids) == 3 * 7
+    for name, weight, grid in quantized_matrices(result):
+        assert (grid.bits, grid.sym) == (bits, sym)
+        assert grid.groupsize == (weight.shape[1] if groupsize == -1 else groupsize), name
+        codes = codes_of(weight, grid)  # raises if any weight is off the grid
+        scale, zero = grid.columns()
+        assert torch.equal(dequantize(codes, scale, zero, weight.dtype), weight), name
+        if pattern != "unstructured":
+            n, m = map(int, pattern.split(":"))
+            assert int((weight != 0).reshape(weight.shape[0], -1, m).sum(-1).max()) <= n, name
+        if sym:
+            assert bool((grid.zero == 2 ** (bits - 1)).all())
+    losses = [m.quant_loss for layer in result.layers for m in layer.matrices]
+    assert all(loss is not None and loss >= 0 for loss in losses)
+    recipe = result.to_dict()["recipe"]
+    assert recipe["quant"] == {"bits": bits, "groupsize": groupsize, "sym": sym}
+
+
+def test_quantized_perplexity_stays_near_the_pruned_one(tiny_llama_dir, texts, one_thread):
+    """8-bit with groups of 16 barely moves a 2:4 model; 2-bit per channel moves it more."""
+    base = llmprune.prune(str(tiny_llama_dir), **fast(texts, pattern="2:4"))
+    fine = llmprune.prune(str(tiny_llama_dir), **fast(texts, pattern="2:4", wbits=8, groupsize=16))
+    coarse = llmprune.prune(str(tiny_llama_dir), **fast(texts, pattern="2:4", wbits=2))
+    (source,) = base.pruned_ppl
+    p0, p8, p2 = (r.pruned_ppl[source].ppl for r in (base, fine, coarse))
+    assert abs(p8 / p0 - 1) < 0.01
+    assert abs(p2 - p0) > abs(p8 - p0)
+
+
+def test_resumed_quantized_run_reads_the_grids_back(tiny_llama_dir, texts, tmp_path, one_thread):
+    """A run stopped after layer 0 (progress.json cut back) resumes to the same weights and grids."""
+    options = fast(texts, pattern="2:4", wbits=4, groupsize=16, eval="none")
+    reference = llmprune.prune(str(tiny_llama_dir), **options)
+    work = tmp_path / "work"
+    llmprune.prune(str(tiny_llama_dir), work_dir=str(work), **options)
+    progress = json.loads((work / PROGRESS_FILE).read_text())
+    progress.update(completed_layers=1, layers=progress["layers"][:1], finished=False)
+    (work / PROGRESS_FILE).write_text(json.dumps(progress))
+    assert (work / "quant-00000.safetensors").is_file()
+    resumed = llmprune.prune(str(tiny_llama_dir), work_dir=str(work), resume=True, **options)
+    assert resumed.quant_grids.keys() == reference.quant_grids.keys()
+    for name, grid in reference.quant_grids.items():
+        got = resumed.quant_grids[name]
+        assert torch.equal(got.scale, grid.scale) and torch.equal(got.zero, grid.zero), name
+        assert (got.bits, got.groupsize, got.sym) == (grid.bits, grid.groupsize, grid.sym)
+    ref = dict(reference.model.state_dict())
+    for name, value in resumed.model.state_dict().items():
+        assert torch.equal(value, ref[name]), name
+
+
+def test_bad_quantization_options_are_refused_before_any_work(tiny_llama_dir, texts, one_thread):
+    with pytest.raises(UsageError, match=r"--wbits must be an integer in 2\.\.8, got 9"):
+        llmprune.prune(str(tiny_llama_dir), **fast(texts, wbits=9, sparsity=0.5))
+    with pytest.raises(UsageError, match=r"--groupsize must be a positive integer or -1"):
+        llmprune.prune(str(tiny_llama_dir), **fast(texts, wbits=4, groupsize=0, sparsity=0.5))
+    # the tiny Llama's matrices read 64 or 128 inputs: 24 divides neither; the message names the matrix
+    with pytest.raises(UsageError, match=r"--groupsize 24 does not divide the 64 input columns of layer 0 self_attn"):
+        llmprune.prune(str(tiny_llama_dir), **fast(texts, wbits=4, groupsize=24, sparsity=0.5))
+
+
+def test_cli_bad_wbits_is_one_line_exit_2_nothing_written(tiny_llama_dir, texts, tmp_path):
+    calib, evaluation = texts
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "llmprune.wanda", "--model", str(tiny_llama_dir), "--sparsity", "0.5",
+                          "--dataset", calib, "--eval", evaluation, "--wbits", "1", "--save", str(out)],
+                         env={**os.environ, **HF_ENV}, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert lines == ["error: --wbits must be an integer in 2..8, got 1"]
+    assert not out.exists()
