@@ -290,8 +290,11 @@ def sparsify_model(
 
     ``grids``: ``{module name: QuantGrid}`` of weights that lie on a quantization grid (the
     grid of the ``[out, in]`` weight, also for a Conv1D): those are stored as codes
-    (``SparseLinear.from_linear(..., grid=)``); a name in ``grids`` that is not a converted
-    module is an error, raised before any module is replaced.
+    (``SparseLinear.from_linear(..., grid=)``), as ``"bitmap"`` when not 2:4 whatever their
+    sparsity (``min_bitmap_sparsity`` weighs fp16 values against dense fp16; codes are what
+    makes a quantized weight small, and leaving it dense would store dequantized floats). A
+    name in ``grids`` that is not converted (skipped, not a Linear / Conv1D, or not 2:4 with
+    ``"bitmap"`` not in ``formats``) is an error, raised before any module is replaced.
 
     Returns ``{module name: "2:4" | "bitmap" | "skipped: <reason>"}`` for every Linear and
     Conv1D module of the model, in ``named_modules`` order.
@@ -327,7 +330,7 @@ def sparsify_model(
             chosen = "2:4"
         elif "bitmap" in formats:
             s = sparsity(weight)
-            if s >= min_bitmap_sparsity:
+            if s >= min_bitmap_sparsity or name in grids:
                 chosen = "bitmap"
             else:
                 reason = f"sparsity {s:.3f} < min_bitmap_sparsity {min_bitmap_sparsity}"

@@ -435,6 +435,15 @@ def test_sparsify_model_with_grids_matches_fake_quant_model():
     assert float((out - ref).norm() / ref.norm()) < 1e-5  # fp32 reordering only
     with pytest.raises(UsageError, match="lm_head"):
         sparsify_model(copy.deepcopy(dense), grids={"lm_head": grids[next(iter(grids))]})
+    # a quantized weight that is neither 2:4 nor sparse enough for the float bitmap rule is still
+    # packed (bitmap codes), not left dense
+    name = "model.layers.0.mlp.down_proj"
+    module = dense.get_submodule(name)
+    wq, grid = round_to_nearest(torch.randn(module.weight.shape, generator=gen), None, QuantConfig(8, 32))
+    module.weight.data.copy_(wq)  # dense (no zeros), on its grid
+    assert sparsify_model(copy.deepcopy(dense), backend="torch")[name].startswith("skipped: sparsity 0.0")
+    assert sparsify_model(dense, backend="torch", grids={name: grid})[name] == "bitmap"
+    assert bitwise_equal(dense.get_submodule(name).dense_weight(), wq)
 
 
 # --- GPU only -------------------------------------------------------------------------------------
@@ -459,8 +468,10 @@ def test_gpu_every_autotune_config(fmt, bits, groupsize):
 
 @needs_cuda
 def test_gpu_bf16_sparse_linear_int4():
+    """bf16 activations (compiled tl.dot only): decode M = 1 (CUDA cores), 8 (tensor cores), tiled 40."""
     lin, grid = quant_linear("24", 256, 512, 4, 128, dtype=torch.bfloat16, seed=7)
-    sl = SparseLinear.from_linear(lin.cuda(), "2:4", backend="triton", grid=grid)
+    sl = SparseLinear.from_linear(lin, "2:4", backend="triton", grid=grid).to(DEVICE)
+    assert sl.packed.dtype == torch.bfloat16 and sl.weight_scales.dtype == torch.float16
     for m in (1, 8, 40):
         x = torch.randn(m, 512, device=DEVICE, dtype=torch.bfloat16)
         assert_close(sl(x), x, lin.weight.detach(), lin.bias.detach())
