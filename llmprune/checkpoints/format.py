@@ -152,7 +152,7 @@ def check_grid(matrix: Tensor, grid, where: str) -> None:
         raise UsageError(f"{where}: group size {g!r} does not divide the {k} input columns")
     for name, t in (("scale", grid.scale), ("zero", grid.zero)):
         if not isinstance(t, Tensor) or t.dtype != torch.float16 or tuple(t.shape) != (n, k // g):
-            got = f"{t.dtype} {list(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+            got = f"{dtype_name(t.dtype)} {list(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
             raise UsageError(f"{where}: grid {name} is {got}, expected float16 [{n}, {k // g}] (group size {g})")
     scale, zero = grid.scale.float(), grid.zero.float()
     if not bool((torch.isfinite(scale) & (scale > 0)).all()):
@@ -379,7 +379,7 @@ def _unpacked_codes(codes: Tensor, count: int, bits: int, where: str, row0: int 
         if count % 2 and bool((codes[..., -1] >> 4).any()):
             raise CheckpointError(f"{where}: the padding nibble after the last of {count} codes must be 0")
         codes = unpack_nibbles(codes, count)
-    bad = (codes >= 2**bits).nonzero()
+    bad = (codes >= 2**bits).nonzero() if bits < 8 else codes.new_zeros(0)  # uint8: every code fits 8 bits
     if bad.numel():
         at = [int(v) for v in bad[0]]
         place = f"row {row0 + at[0]}, code {at[1]}" if len(at) == 2 else f"code {at[0]}"
