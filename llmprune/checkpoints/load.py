@@ -1,16 +1,21 @@
 """``llmprune.load(path_or_hub_id)``: a checkpoint folder or Hub repo -> a normal transformers model.
 
-Both formats (``docs/checkpoint-format.md``) come back as a regular ``PreTrainedModel``
-with dense weights, bitwise equal to what was saved (``-0.0`` comes back as ``+0.0`` from
-compressed storage), or, with ``kernels=True``, with the pruned ``Linear`` modules replaced
+Both formats (``docs/checkpoint-format.md``, versions 1 and 2) come back as a regular
+``PreTrainedModel`` with dense weights, bitwise equal to what was saved (``-0.0`` comes back
+as ``+0.0`` from compressed storage; quantized matrices of version 2 are dequantized,
+``(code - zero) * scale`` in fp32 cast to the model dtype, which is bitwise the in-memory
+model that was saved), or, with ``kernels=True``, with the pruned ``Linear`` modules replaced
 by ``llmprune.kernels.linear.SparseLinear``.
 
 Checks, each failing with a one-line :class:`llmprune.errors.CheckpointError` naming
 the file and the tensor: ``llmprune.json`` present, its format known and its
 ``format_version`` supported; every shard present, its header sound and not truncated;
 every tensor the index lists present and every tensor the model needs found; shapes and
-dtypes as declared; packed metadata valid (``from_tensors``); every pruned weight's nonzero
-count equal to the declared one and its N:M pattern respected.
+dtypes as declared; packed metadata valid (``from_tensors``); quantized weights' grids
+(bits, group size dividing K, scales and zeros of the right shape, finite positive scales,
+integer zero points and codes in range); every pruned weight's nonzero count equal to the
+declared one and its N:M pattern respected; the version equal in llmprune.json, the index and
+every shard.
 
 Memory. A compressed checkpoint is loaded by building the model on the meta device
 (accelerate ``init_empty_weights``; buffers stay real) and reading each tensor's bytes
@@ -40,6 +45,10 @@ from llmprune.models.skeleton import get_tensor, set_tensor, share_tensor
 
 logger = logging.getLogger(__name__)
 
+# Whether ``SparseLinear`` takes ``QuantPacked24`` / ``QuantPackedBitmap`` (the quantized
+# kernels). When False, ``kernels=True`` dequantizes quantized weights on load and packs the
+# dequantized values as float ``SparseLinear`` (logged).
+QUANTIZED_SPARSE_LINEAR = False
 _HUB_IGNORE = [f"*{suffix}" for suffix in (*PICKLE_SUFFIXES, ".gguf", ".h5", ".msgpack", ".onnx")]
 DENSE_WEIGHTS = "model.safetensors"
 DENSE_INDEX = "model.safetensors.index.json"
@@ -61,7 +70,11 @@ def load(
     kernels: replace each pruned matrix that is 2:4, or bitmap with sparsity at least
         ``min_bitmap_sparsity`` (default: ``llmprune.kernels.linear.DEFAULT_MIN_BITMAP_SPARSITY``),
         by a ``SparseLinear`` (``backend`` as in ``SparseLinear``); packed weights of a
-        compressed checkpoint are used as stored, without re-packing.
+        compressed checkpoint are used as stored, without re-packing. Quantized 2:4 and
+        bitmap weights of a version 2 checkpoint stay integer codes (``QuantPacked24`` /
+        ``QuantPackedBitmap``) when ``QUANTIZED_SPARSE_LINEAR``; quantized weights stored as
+        dense codes, or from a dense checkpoint, are dequantized and then treated as dense
+        pruned weights (packed as float values if sparse enough).
     dtype: None keeps the stored dtypes; else ``float32 | float16 | bfloat16`` (or a torch
         dtype) casts floating tensors after they were checked.
     device: where the parameters are materialized (one tensor at a time).
@@ -81,8 +94,8 @@ def load(
     if meta["format"] == fmt.FORMAT_COMPRESSED:
 
         def keep_packed(entry: dict) -> bool:
-            if not kernels or entry.get("quant"):
-                return False  # quantized weights: see _use_sparse_linear
+            if not kernels or (entry.get("quant") and not QUANTIZED_SPARSE_LINEAR):
+                return False  # quantized weights without quantized kernels: see _use_sparse_linear
             if entry["storage"] == "2:4":
                 return True
             size = entry["shape"][0] * entry["shape"][1]
@@ -356,7 +369,9 @@ def _read_packed(model, expected: dict, header, name: str, entry: dict, label: s
     else:
         fmt.decode_packed(entry["storage"], fields, shape, where, out=matrix)  # validated
     fmt.verify_matrix(matrix, entry, where)
-    if keep:  # blocks validated above: the constructor's shape checks suffice
+    if keep and entry.get("quant"):  # validated above: the constructor's shape checks suffice
+        kept[name] = _cast_packed(_quant_packed(entry, fields, shape, dtype), cast).to(device)
+    elif keep:  # blocks validated above: the constructor's shape checks suffice
         kept[name] = _cast_packed(fmt.packed_from_fields(entry["storage"], fields, shape), cast).to(device)
     else:
         weight = matrix.t().contiguous() if entry["transposed"] else matrix
@@ -395,9 +410,29 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
+def _quant_packed(entry: dict, fields: dict, shape: tuple[int, int], dtype: torch.dtype):
+    """The kernels' ``QuantPacked24`` / ``QuantPackedBitmap`` over a quantized weight's validated
+    tensors (the bitmap's nnz from the entry, so that no mask is expanded again)."""
+    from llmprune.kernels.quantized import QuantPacked24, QuantPackedBitmap
+
+    quant = entry["quant"]
+    common = dict(shape=shape, bits=quant["bits"], groupsize=quant["groupsize"], dtype=dtype)
+    if entry["storage"] == "2:4":
+        return QuantPacked24(**fields, **common)
+    return QuantPackedBitmap(**fields, **common, nnz=entry["nnz"])
+
+
 def _cast_packed(packed, dtype: torch.dtype | None):
+    """``packed`` with its values in ``dtype``: float values are cast; a quantized weight keeps
+    its codes, scales and zeros and is dequantized to ``dtype`` instead."""
     if dtype is None or packed.dtype == dtype:
         return packed
+    from llmprune.kernels.quantized import QuantPackedBitmap
+
+    if hasattr(packed, "bits"):
+        extra = {"nnz": packed.nnz} if isinstance(packed, QuantPackedBitmap) else {}
+        return type(packed)(**packed.to_tensors(), shape=packed.shape, bits=packed.bits, groupsize=packed.groupsize,
+                            dtype=dtype, **extra)
     tensors = packed.to_tensors()
     tensors["values"] = tensors["values"].to(dtype)
     return type(packed)(**tensors, shape=packed.shape)
@@ -432,8 +467,9 @@ def _use_sparse_linear(model, entries: dict, kept: dict, *, backend: str, min_bi
     converted = 0
     quantized = [name for name, entry in entries.items() if entry.get("quant") and name not in kept]
     if quantized:
-        logger.info("kernels: %d quantized matrices were dequantized on load (this SparseLinear has no quantized "
-                    "path); they are packed from their dequantized values like a dense checkpoint's", len(quantized))
+        why = "" if QUANTIZED_SPARSE_LINEAR else " (this build's SparseLinear has no quantized kernels)"
+        logger.info("kernels: %d quantized matrices are not kept as codes%s: dequantized on load, they are packed "
+                    "from their values like a dense checkpoint's matrices", len(quantized), why)
     for name, entry in entries.items():
         if len(entry["shape"]) != 2:
             continue  # fused MoE experts (3-D): no sparse kernel for them; they stay dense
