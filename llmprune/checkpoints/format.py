@@ -140,6 +140,15 @@ def quant_entry(grid) -> dict:
     return {"bits": int(grid.bits), "groupsize": int(grid.groupsize), "sym": bool(grid.sym)}
 
 
+def cpu_grid(grid):
+    """``grid`` (a ``QuantGrid``) with its scales and zeros on the CPU, where weights are packed."""
+    import dataclasses
+
+    if grid.scale.device.type == "cpu" and grid.zero.device.type == "cpu":
+        return grid
+    return dataclasses.replace(grid, scale=grid.scale.detach().cpu(), zero=grid.zero.detach().cpu())
+
+
 def check_grid(matrix: Tensor, grid, where: str) -> None:
     """UsageError naming ``where`` unless ``grid`` (a ``QuantGrid``) fits the ``[N, K]`` matrix:
     bits in 2..8, a group size dividing K, fp16 scales and zeros ``[N, K / G]``, scales finite
@@ -174,6 +183,8 @@ def pack_quantized(matrix: Tensor, grid, where: str) -> tuple[str, dict[str, Ten
     from llmprune.kernels.formats import BITMAP_SLAB_K, _bitmap_words, _meta24_cols, cdiv, is_24
     from llmprune.kernels.quantized import pack_24_quantized, pack_bitmap_quantized, packed_codes_length
 
+    grid = cpu_grid(grid)
+    matrix = matrix.detach().cpu()
     check_grid(matrix, grid, where)
     n, k = matrix.shape
     bits = grid.bits

@@ -269,6 +269,7 @@ def dense_entry(param, transposed: bool, pattern: dict | None, grid, name: str, 
         if param.dim() != 2:
             raise UsageError(f"{name}: a fused experts parameter {list(param.shape)} cannot carry one quantization grid")
         matrix = (param.t() if transposed else param).detach().to("cpu")
+        grid = fmt.cpu_grid(grid)
         fmt.check_grid(matrix, grid, name)
         try:
             codes_of(matrix, grid)
