@@ -497,3 +497,37 @@ def test_model_card_tags_and_text(tmp_path):
     assert "int8" in card.data.to_dict()["tags"] and card.data.to_dict()["library_name"] == "transformers"
     assert "8-bit integer weights (symmetric, one group per output channel" in card.text
     assert "dequantized values" in card.text
+
+
+# ----------------------------------------------------------------------------- SmolLM2-135M
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,bits,groupsize,storage,low,high", [
+    # SmolLM2's K is 576 or 1536: 128 does not divide 576, so groups of 64 (the largest
+    # power of two that divides both). 2:4 int4 g64: 1/4 + 1/8 (+ meta padding at K = 576)
+    # + 4/64 bytes per weight against 2.
+    ("2:4", 4, 64, "2:4", 4.4, 4.6),
+    ("u50", 8, 64, "bitmap", 2.8, 3.0),  # <= 0.5 + 1/8 + 1/128 + 4/64 bytes per weight
+    ("dense", 8, -1, "dense", 1.98, 2.0),  # 1 byte + 4 bytes of scale and zero per row
+])
+def test_smollm2_quantized_round_trip_and_size(kind, bits, groupsize, storage, low, high, tmp_path):
+    from llmprune.models.loader import load_model
+
+    model, _ = load_model("smollm2-135m", dtype="float16")
+    pruned, grids = quantize_model(model, kind, bits, groupsize)
+    assert len(grids) == 210
+    meta = save(model, pruned, grids, tmp_path / "q")
+    sizes = meta["sizes"]
+    assert sizes["storage_counts"][storage] == 210 and sizes["quantized_count"] == 210
+    params = model.state_dict()
+    want = sum(expected_bytes(*params[n].shape, e["storage"], bits, e["quant"]["groupsize"], e["nnz"])
+               for n, e in meta["pruned_weights"].items())
+    assert sizes["pruned_stored_bytes"] == want
+    assert low < sizes["pruned_dense_bytes"] / want < high
+    loaded = llmprune.load(tmp_path / "q")
+    state = loaded.state_dict()
+    for name in grids:
+        assert torch.equal(state[name], params[name]), name
+    ids = torch.tensor([[1, 504, 3458, 282, 4250, 314, 260, 1345]])
+    assert torch.equal(logits(loaded, ids), logits(model, ids))
