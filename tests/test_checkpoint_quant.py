@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig
 
 import llmprune
@@ -227,6 +229,49 @@ def test_kernels_true_on_a_quantized_checkpoint(tmp_path):
     layers = dict(fast.model.layers.named_modules())
     assert all(isinstance(layers[n.removeprefix("model.layers.").removesuffix(".weight")], SparseLinear) for n in grids)
     torch.testing.assert_close(logits(fast), logits(model), rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 9), cols=st.integers(1, 70), density=st.floats(0.0, 1.0), two_four=st.booleans(),
+       bits=st.integers(2, 8), groups=st.integers(1, 4), sym=st.booleans(),
+       dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]), seed=st.integers(0, 2**16))
+def test_codec_round_trip_and_storage_choice(rows, cols, density, two_four, bits, groups, sym, dtype, seed):
+    """Any shape (odd K too), 2..8 bits, any group count dividing K: pack_quantized then
+    decode_quantized is bitwise the quantized matrix, and the storage is the smallest of the
+    byte counts computed here (2:4 preferred when it beats dense codes, as for float values)."""
+    k = 4 * cols if two_four else cols
+    while k % groups:
+        groups -= 1
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, k, generator=gen).to(dtype)
+    keep = torch.rand(rows, k, generator=gen) < density
+    if two_four:
+        keep.view(rows, cols, 4)[..., 2:] = False
+    q, grid = round_to_nearest(w, keep, QuantConfig(bits, k // groups, sym))
+    storage, tensors = fmt.pack_quantized(q, grid, "w")
+    quant = fmt.quant_entry(grid)
+    assert torch.equal(fmt.decode_quantized(storage, tensors, (rows, k), quant, dtype, "w"), q)
+    nnz = int((q != 0).sum())
+    sizes = {"dense": expected_bytes(rows, k, "dense", bits, k // groups, nnz),
+             "bitmap": expected_bytes(rows, k, "bitmap", bits, k // groups, nnz)}
+    assert sum(t.numel() * t.element_size() for t in tensors.values()) == (
+        expected_bytes(rows, k, storage, bits, k // groups, nnz))
+    is24 = k % 4 == 0 and bool(((q != 0).view(rows, k // 4, 4).sum(-1) <= 2).all())
+    if is24 and expected_bytes(rows, k, "2:4", bits, k // groups, nnz) < sizes["dense"]:
+        assert storage == "2:4"
+    else:
+        assert storage == min(sizes, key=lambda s: (sizes[s], s == "bitmap"))  # ties: dense
+
+
+def test_dense_codes_padding_nibble_must_be_zero():
+    w = torch.randn(3, 7)
+    q, grid = round_to_nearest(w, None, QuantConfig(3, -1))
+    tensors = fmt.pack_dense_codes(q, grid)
+    assert tuple(tensors["codes"].shape) == (3, 4)
+    tensors["codes"][1, 3] |= 0x10  # the high nibble after column 6 of row 1
+    with pytest.raises(CheckpointError) as error:
+        fmt.decode_quantized("dense", tensors, (3, 7), fmt.quant_entry(grid), torch.float32, "f: tensor w")
+    one_line(error.value, "f: tensor w", "padding nibble")
 
 
 # ----------------------------------------------------------------------------- versions
