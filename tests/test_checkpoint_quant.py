@@ -219,16 +219,32 @@ def test_gpt2_conv1d_grid_is_of_the_transposed_matrix(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def test_kernels_true_on_a_quantized_checkpoint(tmp_path):
+@pytest.mark.parametrize("kind,dtype", [("2:4", None), ("u50", None), ("2:4", "float16")])
+def test_kernels_true_on_a_quantized_checkpoint(kind, dtype, tmp_path):
+    """With the quantized kernels, 2:4 and bitmap weights stay codes (the buffers are the
+    stored tensors, dequantized to the load dtype); without them they are float SparseLinear."""
+    from safetensors import safe_open
+
+    from llmprune.checkpoints import load as load_module
     from llmprune.kernels.linear import SparseLinear
 
     model = tiny_llama(torch.float32)
-    pruned, grids = quantize_model(model, "2:4", 8, 32)
+    pruned, grids = quantize_model(model, kind, 4, 32)
     save(model, pruned, grids, tmp_path / "q")
-    fast = llmprune.load(tmp_path / "q", kernels=True, backend="torch")
-    layers = dict(fast.model.layers.named_modules())
-    assert all(isinstance(layers[n.removeprefix("model.layers.").removesuffix(".weight")], SparseLinear) for n in grids)
-    torch.testing.assert_close(logits(fast), logits(model), rtol=1e-5, atol=1e-5)
+    fast = llmprune.load(tmp_path / "q", kernels=True, backend="torch", min_bitmap_sparsity=0.5, dtype=dtype)
+    index = json.loads((tmp_path / "q" / fmt.INDEX_FILE).read_text())
+    for name in grids:
+        module = fast.get_submodule(name.removesuffix(".weight"))
+        assert isinstance(module, SparseLinear) and module.format == STORAGE[kind], name
+        if load_module.QUANTIZED_SPARSE_LINEAR:
+            assert module.quantized and (module.bits, module.groupsize) == (4, 32)
+            assert module.packed.dtype == (torch.float16 if dtype else torch.float32)
+            with safe_open(tmp_path / "q" / index["weight_map"][name + ".packed.codes"], framework="pt") as f:
+                for field in ("codes", "scales", "zeros"):
+                    assert torch.equal(getattr(module, f"weight_{field}"), f.get_tensor(f"{name}.packed.{field}"))
+    reference = model.half() if dtype else model
+    tol = 2e-3 if dtype else 1e-5
+    torch.testing.assert_close(logits(fast), logits(reference), rtol=tol, atol=tol)
 
 
 @settings(max_examples=60, deadline=None)
