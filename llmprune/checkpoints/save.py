@@ -25,11 +25,15 @@ import math
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llmprune.checkpoints import format as fmt
 from llmprune.checkpoints import safetensors_io as st
 from llmprune.checkpoints.files import atomic_dir
 from llmprune.errors import UsageError
+
+if TYPE_CHECKING:
+    from llmprune.solvers.quant import QuantGrid
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +139,7 @@ def save_checkpoint(
     overwrite: bool = False,
     max_shard_bytes: int | None = None,
     layer_files: tuple[str, Callable[[int], dict]] | None = None,
-    quant_grids: Mapping | None = None,
+    quant_grids: Mapping[str, QuantGrid] | None = None,
 ) -> Path:
     """Save a pruned model as a ``dense`` or ``compressed`` llmprune checkpoint folder.
 
