@@ -9,6 +9,20 @@ For each weight shape N x K (out x in) and each number of rows M of x, times ``y
     bitmap50_triton   llmprune bitmap Triton kernel at 50 % unstructured sparsity
     bitmap70_triton   ... at 70 %
 
+and, asked for by ``--variants`` (not in the default list; ``scripts/gpu_check.sh`` runs them
+in a stage of their own at decode M), the kernels on quantized weights (QuantPacked24 /
+QuantPackedBitmap: codes dequantized in registers), each the same mask as its float sibling
+rounded to nearest on an asymmetric grid fitted on the kept weights:
+
+    sparse24_w8_triton      2:4, int8 codes, one scale per output channel
+    sparse24_w4g128_triton  2:4, int4 codes, groups of 128 input columns
+    bitmap50_w8_triton      bitmap at 50 %, int8 per channel
+    bitmap50_w4g128_triton  bitmap at 50 %, int4 g128
+
+Compare them with ``dense`` (fp16 cuBLAS) and with ``sparse24_triton`` / ``bitmap50_triton``
+(the same kernels reading fp16 values) at the same (N, K, M); ``weight_bytes`` counts codes,
+metadata, scales and zero points.
+
 Every variant is first checked once against an fp32 matmul of the same (masked) weight
 (relative Frobenius error and max abs error; the output buffer is poisoned with NaN through
 the caching allocator first), then timed with ``triton.testing.do_bench`` (median and 20/80 %
@@ -51,6 +65,12 @@ FULL_M = (1, 4, 16, 64, 256, 2048)
 QUICK_SHAPES = ((48, 128), (40, 528))
 QUICK_M = (1, 5, 33)
 VARIANTS = ("dense", "sparse24_triton", "semi_structured", "bitmap50_triton", "bitmap70_triton")
+# Quantized weights: (pattern of make_weights, bits, groupsize or -1 for per output channel).
+QUANT_VARIANTS = {
+    "sparse24_w8_triton": ("24", 8, -1), "sparse24_w4g128_triton": ("24", 4, 128),
+    "bitmap50_w8_triton": ("u50", 8, -1), "bitmap50_w4g128_triton": ("u50", 4, 128),
+}
+ALL_VARIANTS = VARIANTS + tuple(QUANT_VARIANTS)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Relative error allowed against the fp32 reference: output rounding dominates (fp16 2^-11,
 # bf16 2^-8 per element, ~1/3 of that in the norm), x4 margin; fp32 runs with ieee dot.
@@ -242,7 +262,32 @@ def build_variants(weights: dict[str, torch.Tensor], wanted: tuple[str, ...]) ->
             out[name] = {"fn": lambda x, p=p: bitmap_matmul(x, p), "weight": weights[f"u{s}"],
                          "weight_bytes": p.nbytes(), "note": "PackedBitmap values + bitmap + offsets",
                          "density": p.nnz / (p.shape[0] * p.shape[1])}
+    for name, (pattern, bits, groupsize) in QUANT_VARIANTS.items():
+        if name in wanted:
+            out[name] = _quantized(weights[pattern], pattern, bits, groupsize)
     return out
+
+
+def _quantized(w: torch.Tensor, pattern: str, bits: int, groupsize: int) -> dict:
+    """A quantized variant: ``w`` (zeros in place) rounded to nearest on its kept weights' grid and
+    packed; its "weight" (the verify oracle) is the dequantized matrix, not ``w``."""
+    from llmprune.kernels.bitmap import bitmap_matmul
+    from llmprune.kernels.quantized import pack_24_quantized, pack_bitmap_quantized
+    from llmprune.kernels.sparse24 import sparse24_matmul
+    from llmprune.solvers.quant import QuantConfig, round_to_nearest
+
+    try:
+        wq, grid = round_to_nearest(w, w != 0, QuantConfig(bits, groupsize))
+    except ValueError as exc:  # a group size that does not divide K
+        return {"skip": str(exc)}
+    if pattern == "24":
+        p, fn, layout = pack_24_quantized(wq, grid), sparse24_matmul, "QuantPacked24 codes + meta"
+    else:
+        p, fn, layout = pack_bitmap_quantized(wq, grid), bitmap_matmul, "QuantPackedBitmap codes + bitmap + offsets"
+    group = "per channel" if groupsize == -1 else f"g{groupsize}"
+    return {"fn": lambda x, p=p, fn=fn: fn(x, p), "weight": wq, "weight_bytes": p.nbytes(),
+            "note": f"{layout} + fp16 scales/zeros; int{bits} {group}, round to nearest",
+            "density": float((wq != 0).sum()) / wq.numel()}
 
 
 def _semi_structured(w24: torch.Tensor) -> dict:
@@ -297,7 +342,7 @@ def run(args: argparse.Namespace) -> dict:
     variants = tuple(args.variants.split(","))
     dtypes = [d for d in args.dtype.split(",")]
     meta = env_info()
-    meta.update(args=vars(args), shapes=shapes, m=ms, variants=variants, dtypes=dtypes,
+    meta.update(args=vars(args), shapes=shapes, m=ms, variants=variants, dtypes=dtypes, tag=args.tag,
                 warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, min_reps=args.min_reps)
     notes = []
     if not cuda:
@@ -318,6 +363,13 @@ def run(args: argparse.Namespace) -> dict:
 
     out_dir = Path(args.out) if args.out else None
     results: list[dict] = []
+    if args.append and out_dir is not None and (out_dir / "kernels.json").exists():
+        # Another stage's run into the same files: its meta stays the file's meta (the plot and
+        # summary read it); this run's meta is kept under "appended", its rows carry its tag.
+        earlier = json.loads((out_dir / "kernels.json").read_text())
+        prior_meta, prior_rows = earlier["meta"], earlier["results"]
+    else:
+        prior_meta, prior_rows = None, []
     t_start = time.perf_counter()
     for dname in dtypes:
         dtype = DTYPES[dname]
@@ -340,19 +392,27 @@ def run(args: argparse.Namespace) -> dict:
                     results.append(row)
                     _print_row(row)
                     if out_dir is not None:
-                        write_results(out_dir, meta, results)
+                        _write(out_dir, meta, results, prior_meta, prior_rows)
             del weights, built
             if cuda:
                 torch.cuda.empty_cache()
     meta["elapsed_s"] = time.perf_counter() - t_start
     if out_dir is not None:
-        write_results(out_dir, meta, results)
+        _write(out_dir, meta, results, prior_meta, prior_rows)
     return {"meta": meta, "results": results}
+
+
+def _write(out_dir: Path, meta: dict, results: list[dict], prior_meta: dict | None, prior_rows: list[dict]) -> None:
+    if prior_meta is None:
+        write_results(out_dir, meta, results)
+    else:
+        appended = [m for m in prior_meta.get("appended", []) if m.get("date") != meta["date"]] + [meta]
+        write_results(out_dir, {**prior_meta, "appended": appended}, prior_rows + results)
 
 
 def _row(meta: dict, dname: str, n: int, k: int, m: int, variant: str, **kw) -> dict:
     row = {"date": meta["date"], "gpu": meta["gpu"], "mode": meta["mode"], "dtype": dname,
-           "N": n, "K": k, "M": m, "variant": variant}
+           "N": n, "K": k, "M": m, "variant": variant, "tag": meta.get("tag", "")}
     row.update(kw)
     return row
 
@@ -402,7 +462,7 @@ def _print_row(row: dict) -> None:
 CSV_FIELDS = ("date", "gpu", "mode", "dtype", "N", "K", "M", "variant", "status", "median_us", "p20_us", "p80_us",
               "tflops", "gbps", "pct_copy_bw", "bytes", "weight_bytes", "floor_mem_us", "floor_compute_us", "floor_us",
               "speedup_vs_dense", "density", "rel_err", "max_abs_err", "verify_ok", "rel_tol", "first_call_s",
-              "timer", "note")
+              "timer", "note", "tag")
 
 
 def write_results(out_dir: Path, meta: dict, results: list[dict]) -> None:
@@ -426,7 +486,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--m", default=None, help="rows of x, e.g. 1,4,16 (default 1,4,16,64,256,2048)")
     ap.add_argument("--dtype", default="bf16,fp16",
                     help="comma list of fp16, bf16, fp32, run in this order (bf16 first: the e2e dtype)")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help=f"comma list of {', '.join(ALL_VARIANTS)} (default: the float ones)")
     ap.add_argument("--out", default=None, help="folder for kernels.json and kernels.csv")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU interpreter dry run)")
     ap.add_argument("--warmup-ms", type=float, default=3.0, help="do_bench warm-up per case")
@@ -436,8 +497,11 @@ def main(argv: list[str] | None = None) -> None:
                     help="warm-up,rep ms for each autotune config ('' keeps Triton's 25,100)")
     ap.add_argument("--budget-s", type=float, default=0.0, help="stop timing new cases after this (0: no limit)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--append", action="store_true",
+                    help="add this run's rows to an existing OUT/kernels.json and kernels.csv (one set of files)")
+    ap.add_argument("--tag", default="", help="label written into every row of this run (e.g. the stage name)")
     args = ap.parse_args(argv)
-    unknown = set(args.variants.split(",")) - set(VARIANTS) or set(args.dtype.split(",")) - set(DTYPES)
+    unknown = set(args.variants.split(",")) - set(ALL_VARIANTS) or set(args.dtype.split(",")) - set(DTYPES)
     if unknown:
         ap.error(f"unknown variants/dtypes {sorted(unknown)}")
     out = run(args)

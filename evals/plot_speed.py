@@ -22,6 +22,10 @@ LABELS = {
     "semi_structured": "2:4 torch semi-structured",
     "bitmap50_triton": "bitmap 50% Triton",
     "bitmap70_triton": "bitmap 70% Triton",
+    "sparse24_w8_triton": "2:4 int8 Triton",
+    "sparse24_w4g128_triton": "2:4 int4 g128 Triton",
+    "bitmap50_w8_triton": "bitmap 50% int8 Triton",
+    "bitmap50_w4g128_triton": "bitmap 50% int4 g128 Triton",
 }
 
 

@@ -15,13 +15,16 @@ from torch import Tensor
 from ..errors import UsageError
 from .formats import Packed24, PackedBitmap
 from .launch import interpreter_enabled
-from .naive import bitmap_matmul_ref, sparse24_matmul_ref
+from .naive import AnyPacked, bitmap_matmul_ref, quantized_matmul_ref, sparse24_matmul_ref
+from .quantized import QuantPacked24, QuantPackedBitmap
 
 __all__ = ["BACKENDS", "sparse_matmul"]
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "triton", "torch")
+
+_PACKED = (Packed24, PackedBitmap, QuantPacked24, QuantPackedBitmap)
 
 
 def _triton_available() -> bool:
@@ -32,9 +35,12 @@ def _triton_available() -> bool:
     return True
 
 
-def sparse_matmul(x: Tensor, p: Packed24 | PackedBitmap, bias: Tensor | None = None, *,
-                  backend: str = "auto") -> Tensor:
+def sparse_matmul(x: Tensor, p: AnyPacked, bias: Tensor | None = None, *, backend: str = "auto") -> Tensor:
     """``x [..., K] @ W^T + bias [N]`` for a packed weight ``W [N, K]``; returns ``[..., N]`` in ``x.dtype``.
+
+    ``p``: ``Packed24`` / ``QuantPacked24`` (the 2:4 kernel) or ``PackedBitmap`` /
+    ``QuantPackedBitmap`` (the bitmap kernel); a quantized weight is dequantized on the fly
+    (Triton: in registers; torch: ``unpack_quantized``) and ``x`` must have its ``dtype``.
 
     ``backend``: ``"triton"`` runs the Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``),
     ``"torch"`` the pure-torch reference (any device), ``"auto"`` Triton when ``x`` is on CUDA or
@@ -42,17 +48,20 @@ def sparse_matmul(x: Tensor, p: Packed24 | PackedBitmap, bias: Tensor | None = N
     """
     if backend not in BACKENDS:
         raise UsageError(f"sparse_matmul: backend must be one of {BACKENDS}, got {backend!r}")
-    if not isinstance(p, (Packed24, PackedBitmap)):
-        raise UsageError(f"sparse_matmul: weight must be Packed24 or PackedBitmap, got {type(p).__name__}")
+    if not isinstance(p, _PACKED):
+        raise UsageError(f"sparse_matmul: weight must be Packed24 or PackedBitmap (float values), or "
+                         f"QuantPacked24 or QuantPackedBitmap (quantized), got {type(p).__name__}")
     use_triton = backend == "triton"
     if backend == "auto" and isinstance(x, Tensor) and (x.is_cuda or interpreter_enabled()):
         use_triton = _triton_available()
         if not use_triton:
             logger.warning("triton is not installed: sparse_matmul falls back to the torch reference")
     if not use_triton:
+        if isinstance(p, (QuantPacked24, QuantPackedBitmap)):
+            return quantized_matmul_ref(x, p, bias)
         ref = sparse24_matmul_ref if isinstance(p, Packed24) else bitmap_matmul_ref
         return ref(x, p, bias)
-    if isinstance(p, Packed24):
+    if isinstance(p, (Packed24, QuantPacked24)):
         from .sparse24 import sparse24_matmul
         return sparse24_matmul(x, p, bias)
     from .bitmap import bitmap_matmul

@@ -30,6 +30,7 @@ __all__ = [
     "positional",
     "prune_decode",
     "prune_tiled",
+    "quant_args",
     "run_packed_matmul",
     "splitk_workspace",
     "tiled_autotune",
@@ -90,8 +91,12 @@ def m_bucket(m: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Autotuning: configs keyed on (M bucket, N, K). Under the interpreter: one config per kernel
-# (tests launch other configs explicitly through ``_launch(..., config=...)``).
+# Autotuning: configs keyed on (M bucket, N, K) and, for quantized weights, the code width and
+# group size (Triton adds the dtypes of the tensor arguments: float values vs uint8 codes).
+# Under the interpreter: one config per kernel (tests launch other configs explicitly through
+# ``_launch(..., config=...)``).
+
+_TUNING_KEY = ["M_KEY", "N", "K", "CODE_BITS", "GROUP"]
 
 
 def decode_autotune(shapes: list[tuple[int, int, int, int, int]]):
@@ -104,8 +109,7 @@ def decode_autotune(shapes: list[tuple[int, int, int, int, int]]):
     else:
         configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=nw,
                                  num_stages=3) for bm, bn, bk, sk, nw in shapes]
-    return triton.autotune(configs=configs, key=["M_KEY", "N", "K"],
-                           prune_configs_by={"early_config_prune": prune_decode})
+    return triton.autotune(configs=configs, key=_TUNING_KEY, prune_configs_by={"early_config_prune": prune_decode})
 
 
 def tiled_autotune(shapes: list[tuple[int, int, int, int, int]]):
@@ -118,8 +122,7 @@ def tiled_autotune(shapes: list[tuple[int, int, int, int, int]]):
     else:
         configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=nw,
                                  num_stages=ns) for bm, bn, bk, nw, ns in shapes]
-    return triton.autotune(configs=configs, key=["M_KEY", "N", "K"],
-                           prune_configs_by={"early_config_prune": prune_tiled})
+    return triton.autotune(configs=configs, key=_TUNING_KEY, prune_configs_by={"early_config_prune": prune_tiled})
 
 
 def prune_decode(configs: list, named_args: dict, **kwargs) -> list:
@@ -175,13 +178,27 @@ def splitk_workspace(device: torch.device, floats: int, counters: int) -> tuple[
 # Wrapper body and launch
 
 
-def run_packed_matmul(x: Tensor, p, bias: Tensor | None, who: str, packed_type: type, decode_kernel: object,
-                      launch) -> Tensor:
-    """The shared body of the Triton wrappers: check (``p`` must be a ``packed_type``), flatten
-    ``x [..., K]`` to ``[M, K]``, allocate ``y [M, N]`` in ``x.dtype``, ``launch(x2, p, bias, y)``,
-    reshape to ``[..., N]``."""
-    if not isinstance(p, packed_type):
-        raise TypeError(f"{who}: weight must be a {packed_type.__name__}, got {type(p).__name__}")
+def quant_args(p, values: Tensor) -> dict:
+    """The kernel arguments of the quantization: ``scales_ptr``, ``zeros_ptr``, ``stride_q`` and the
+    constexprs ``CODE_BITS`` (0: float values; 8: one uint8 code per value; 4: two per byte, for
+    2..4 bits) and ``GROUP`` (the group size; 0: one group per output channel). A float weight
+    (no ``bits``) gets ``CODE_BITS = 0`` and ``values`` as never-read scale pointers."""
+    bits = getattr(p, "bits", None)
+    if bits is None:
+        return dict(scales_ptr=values, zeros_ptr=values, stride_q=0, CODE_BITS=0, GROUP=0)
+    per_channel = p.groupsize == p.shape[1]
+    return dict(scales_ptr=p.scales, zeros_ptr=p.zeros, stride_q=p.scales.stride(0), CODE_BITS=4 if bits <= 4 else 8,
+                GROUP=0 if per_channel else p.groupsize)
+
+
+def run_packed_matmul(x: Tensor, p, bias: Tensor | None, who: str, packed_types: tuple[type, ...],
+                      decode_kernel: object, launch) -> Tensor:
+    """The shared body of the Triton wrappers: check (``p`` must be one of ``packed_types``),
+    flatten ``x [..., K]`` to ``[M, K]``, allocate ``y [M, N]`` in ``x.dtype``,
+    ``launch(x2, p, bias, y)``, reshape to ``[..., N]``."""
+    if not isinstance(p, packed_types):
+        names = " or ".join(t.__name__ for t in packed_types)
+        raise TypeError(f"{who}: weight must be a {names}, got {type(p).__name__}")
     check_matmul_args(x, p, bias, who)
     check_launchable(decode_kernel, x, who)
     n, k = p.shape

@@ -19,6 +19,11 @@ of ``formats``:
 Kept means nonzero after quantization: a kept weight that rounds to 0 (``code == zero``) is
 not stored, exactly as ``formats`` treats a zero. 2:4 filler slots get the code of their
 group's zero point, so they decode to ``+0.0``.
+
+Who reads these: :func:`unpack_quantized` (dense, the torch reference; ``naive.quantized_matmul_ref``),
+the Triton 2:4 and bitmap kernels (``sparse24_matmul`` / ``bitmap_matmul`` take these classes
+and dequantize in registers, bitwise the values of :func:`unpack_quantized`), ``sparse_matmul``
+and ``linear.SparseLinear`` (buffers ``weight_<field>``; ``from_linear(..., grid=)``).
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 
 ``@triton.jit`` functions, inlined into each kernel: which weight rows, K range or output tile
 a program owns (the tiled kernels' grouped launch order is the one of Triton tutorial 03), the
-``x^T`` tile load with its ``tl.dot``, and the epilogue (bias in fp32, cast, store; split-K
-reduction through the workspace of :func:`.launch.splitk_workspace`). A kernel computes
-``acc [BLOCK_N, BLOCK_M]`` = weight rows x rows of x ("swap AB": the weight is the M side).
+``x^T`` tile load with its ``tl.dot``, the dequantization of integer codes (quantized formats
+of :mod:`.quantized`), and the epilogue (bias in fp32, cast, store; split-K reduction through
+the workspace of :func:`.launch.splitk_workspace`). A kernel computes ``acc [BLOCK_N, BLOCK_M]``
+= weight rows x rows of x ("swap AB": the weight is the M side).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["decode_program", "dot_xt", "finish_split", "split_range", "store_tile", "tiled_program"]
+__all__ = ["decode_program", "dequant", "dot_xt", "finish_split", "split_range", "store_tile", "tiled_program",
+           "unpack_nibble_pairs"]
 
 
 @triton.jit
@@ -59,6 +61,65 @@ def tiled_program(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
     r = tl.arange(0, BLOCK_N)
     n_left = N - row0
     return row0, m0, r, tl.arange(0, BLOCK_M), n_left, M - m0, r < n_left
+
+
+@triton.jit
+def unpack_nibble_pairs(b, BLOCK_N: tl.constexpr, L: tl.constexpr):
+    """uint8 ``b [BLOCK_N, L // 2]``, two codes per byte -> codes ``[BLOCK_N, L]``: code ``2j`` is the
+    low nibble of byte ``j``, code ``2j + 1`` its high nibble (the layout of :mod:`.quantized`)."""
+    return tl.reshape(tl.join(b & 15, b >> 4), (BLOCK_N, L))
+
+
+@triton.jit
+def dequant(q, s_base, z_base, r, row_mask, valid, cols, k0, K, stride_q, W_DTYPE: tl.constexpr,
+            GROUP: tl.constexpr, BLOCK_K: tl.constexpr, PAIRED: tl.constexpr):
+    """Integer codes ``q [BLOCK_N, L]`` of weight rows ``r`` in the K tile at columns ``k0 ..
+    k0 + BLOCK_K`` -> weights ``(q - zero) * scale`` in fp32, cast to ``W_DTYPE``, ``+0.0`` where
+    not ``valid`` (``llmprune.solvers.quant.dequantize``, bitwise: one fp32 subtraction, exact for
+    codes and zero points < 256, one fp32 product, one cast).
+
+    ``s_base`` / ``z_base``: fp16 scales / zero points ``[N, K / GROUP]`` from the program's first
+    row, row stride ``stride_q``. ``PAIRED``: 2:4 values (``L = BLOCK_K / 2``; values ``2j, 2j+1``
+    lie in columns ``4j .. 4j+3``), else one code per column (``L = BLOCK_K``). ``cols``
+    (``[BLOCK_N, L]`` or ``[1, L]``): each code's column, read only in the general case. How the
+    scales are read, by the constexprs (cheapest first):
+
+    * ``GROUP == 0`` (one group per output channel) or ``GROUP % BLOCK_K == 0`` (the tile lies
+      in one group; ``k0`` is a multiple of ``BLOCK_K``): one scale and zero per row.
+    * ``BLOCK_K % GROUP == 0`` (and, 2:4, ``GROUP % 4 == 0``: no group of 4 columns straddles two
+      groups): ``BLOCK_K / GROUP`` per row.
+    * otherwise: each code's scale gathered at ``cols // GROUP`` (L1 hits; costs a pointer per code).
+
+    The first two load ``[BLOCK_N, G]`` scales (``G`` = groups in the tile, 1 for the first) and
+    broadcast them over the codes viewed as ``[BLOCK_N, G, codes per group]``: the 3-D view lets
+    Triton pick a layout in which a thread's codes share few rows. Broadcasting a ``[BLOCK_N]``
+    vector straight into the bitmap gather's layout (lanes along K, a thread's codes in many rows)
+    held a scale and a zero point per code and spilled on sm_90 (ptxas, BLOCK_N = 32, BLOCK_K =
+    128, 4 warps: 255 registers + 128 bytes of stack, against 178 registers this way).
+    """
+    L: tl.constexpr = BLOCK_K // 2 if PAIRED else BLOCK_K
+    if GROUP == 0 or GROUP % BLOCK_K == 0:
+        g = (0 if GROUP == 0 else k0 // GROUP) + tl.arange(0, 1)
+        at = r[:, None] * stride_q + g[None, :]
+        s = tl.load(s_base + at, mask=row_mask[:, None], other=0.0).to(tl.float32)[:, :, None]
+        z = tl.load(z_base + at, mask=row_mask[:, None], other=0.0).to(tl.float32)[:, :, None]
+        q3 = tl.reshape(q, (q.shape[0], 1, L)).to(tl.float32)
+        w = tl.reshape((q3 - z) * s, (q.shape[0], L))
+    elif BLOCK_K % GROUP == 0 and (GROUP % 4 == 0 or not PAIRED):
+        NG: tl.constexpr = BLOCK_K // GROUP
+        g = k0 // GROUP + tl.arange(0, NG)
+        at = r[:, None] * stride_q + g[None, :]
+        in_k = row_mask[:, None] & (g < K // GROUP)[None, :]
+        s = tl.load(s_base + at, mask=in_k, other=0.0).to(tl.float32)[:, :, None]
+        z = tl.load(z_base + at, mask=in_k, other=0.0).to(tl.float32)[:, :, None]
+        q3 = tl.reshape(q, (q.shape[0], NG, L // NG)).to(tl.float32)
+        w = tl.reshape((q3 - z) * s, (q.shape[0], L))
+    else:
+        at = r[:, None] * stride_q + cols // GROUP
+        s = tl.load(s_base + at, mask=valid, other=0.0).to(tl.float32)
+        z = tl.load(z_base + at, mask=valid, other=0.0).to(tl.float32)
+        w = (q.to(tl.float32) - z) * s
+    return tl.where(valid, w, 0.0).to(W_DTYPE)
 
 
 @triton.jit

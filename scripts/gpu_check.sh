@@ -18,6 +18,8 @@
 #   PYTHON=python3      interpreter to use
 #   LIMIT_{PRECOMPILE,LINEAR,TESTS,KERNELS,E2E,PLOT}=seconds   per-stage limits (GPU defaults:
 #                       415 s in all, + setup <= 30 s + version probe and summary: under 8 min)
+#   LIMIT_{PRECOMPILE_QUANT,QUANT}=seconds   the quantized-kernel stages (GPU defaults 40 + 45 s;
+#                       GPU_CHECK_QUANT=0 skips them and keeps the 8-minute total)
 set -uo pipefail
 
 OUTDIR=${1:?usage: bash scripts/gpu_check.sh OUTDIR}
@@ -35,11 +37,12 @@ exec > >(tee -a "$LOG") 2>&1
 # under 8 min. The benchmarks get an internal budget below their limit so they stop cleanly.
 if [ "$QUICK" = 1 ]; then
   : "${LIMIT_PRECOMPILE:=200}" "${LIMIT_LINEAR:=400}" "${LIMIT_TESTS:=400}" "${LIMIT_KERNELS:=400}"
-  : "${LIMIT_E2E:=400}" "${LIMIT_PLOT:=60}"
+  : "${LIMIT_E2E:=400}" "${LIMIT_PLOT:=60}" "${LIMIT_PRECOMPILE_QUANT:=200}" "${LIMIT_QUANT:=400}"
 else
   : "${LIMIT_PRECOMPILE:=60}" "${LIMIT_LINEAR:=45}" "${LIMIT_TESTS:=90}" "${LIMIT_KERNELS:=140}"
-  : "${LIMIT_E2E:=65}" "${LIMIT_PLOT:=15}"
+  : "${LIMIT_E2E:=65}" "${LIMIT_PLOT:=15}" "${LIMIT_PRECOMPILE_QUANT:=40}" "${LIMIT_QUANT:=45}"
 fi
+QUANT=${GPU_CHECK_QUANT:-1}
 
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # Autotune results on disk: the tests' tunings are reused by the benchmarks (same keys).
@@ -133,7 +136,7 @@ fi
 # named llmprune.kernels there). Slow tests need the SmolLM2 package, not on the GPU box.
 PYTEST=("$PY" -P -m pytest -v -rfEs -p no:cacheprovider -m "not slow" --durations=12 -o faulthandler_timeout=80)
 KERNEL_TESTS=()
-for f in tests/test_kernel_formats.py tests/test_kernel_matmul.py; do
+for f in tests/test_kernel_formats.py tests/test_kernel_matmul.py tests/test_kernel_quant.py; do
   [ -f "$f" ] && KERNEL_TESTS+=("$f")
 done
 HAVE_PYTEST=1
@@ -158,6 +161,27 @@ else
     --warmup-ms 2 --rep-ms 8 --min-reps 8 --autotune-ms 3,12 --budget-s $((LIMIT_KERNELS - 20))
   stage bench_e2e "$LIMIT_E2E" "$PY" evals/bench_e2e.py --out "$OUTDIR" \
     --warmup-ms 5 --rep-ms 25 --budget-s $((LIMIT_E2E - 20))
+fi
+
+# --- quantized weights at decode -----------------------------------------------------------------
+# The 2:4 and bitmap kernels on int8 (per channel) and int4 (g128) codes against dense fp16 and the
+# same kernels on fp16 values, side by side in one run (dense and the float kernels are timed
+# again here), at M = 1, 4, 16 where the weight bytes decide; appended to kernels.json/.csv
+# (rows tagged "quant"), so OUTDIR keeps its 8 files. 3 shapes x 3 M x 7 variants = 63 cases.
+QVARIANTS=dense,sparse24_triton,bitmap50_triton,sparse24_w8_triton,sparse24_w4g128_triton,bitmap50_w8_triton,bitmap50_w4g128_triton
+if [ "$QUANT" = 1 ]; then
+  if [ "$QUICK" = 1 ]; then
+    stage precompile_quant "$LIMIT_PRECOMPILE_QUANT" "$PY" scripts/gpu_precompile.py --procs 2 \
+      --formats q24w8,q24w4g128,qbmw8,qbmw4g128 --k-values 256 --m 1 --dtype fp16
+    stage bench_quant "$LIMIT_QUANT" "$PY" evals/bench_kernels.py --out "$OUTDIR" --append --tag quant \
+      --shapes 48x256,40x128 --m 1,5 --dtype fp16 --variants "$QVARIANTS"
+  else
+    stage precompile_quant "$LIMIT_PRECOMPILE_QUANT" "$PY" scripts/gpu_precompile.py \
+      --formats q24w8,q24w4g128,qbmw8,qbmw4g128 --k-values 4096,11008 --m 1,4,16 --dtype fp16
+    stage bench_quant "$LIMIT_QUANT" "$PY" evals/bench_kernels.py --out "$OUTDIR" --append --tag quant \
+      --shapes 4096x4096,11008x4096,4096x11008 --m 1,4,16 --dtype fp16 --variants "$QVARIANTS" \
+      --warmup-ms 2 --rep-ms 8 --min-reps 8 --autotune-ms 3,12 --budget-s $((LIMIT_QUANT - 10))
+  fi
 fi
 
 if [ "$HAVE_PYTEST" = 1 ] && [ ${#KERNEL_TESTS[@]} -gt 0 ]; then

@@ -13,6 +13,11 @@ The calls use N = 256 (a tuning key no benchmark uses), so the autotuning timing
 under contention, never reach a measured case; only the compiled binaries are shared.
 
     python scripts/gpu_precompile.py [--procs 14] [--k-values 4096,11008,8192,28672] [--m 1,4,16,2048]
+    python scripts/gpu_precompile.py --formats q24w8,q24w4g128,qbmw8,qbmw4g128 --m 1,4 --dtype fp16 \
+        --k-values 4096,11008        # the quantized kernels of bench_kernels' w8 / w4g128 variants
+
+Formats: ``24``, ``bitmap`` (float values), and quantized codes: ``q24w8`` / ``qbmw8`` (2:4 /
+bitmap, int8, one group per output channel), ``q24w4g128`` / ``qbmw4g128`` (int4, groups of 128).
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ import os
 import time
 
 DTYPES = ("bf16", "fp16")
+FORMATS = ("24", "bitmap")
+QUANT = {"q24w8": ("24", 8, -1), "q24w4g128": ("24", 4, 128), "qbmw8": ("bitmap", 8, -1),
+         "qbmw4g128": ("bitmap", 4, 128)}  # format -> (layout, bits, groupsize)
 
 
 def _cls(v: int) -> str:
@@ -48,14 +56,17 @@ def m_class(m: int) -> str:
     return f"tiled-{_cls(m)}"
 
 
-def plan(k_values: list[int], m_values: list[int], dtypes: tuple[str, ...]) -> list[tuple[str, str, int, int]]:
+def plan(k_values: list[int], m_values: list[int], dtypes: tuple[str, ...],
+         formats: tuple[str, ...] = FORMATS) -> list[tuple[str, str, int, int]]:
     """One (fmt, dtype, K, M) per distinct compile class, heaviest first (M=1 tunes 12 configs)."""
     seen, tasks = set(), []
-    for fmt in ("24", "bitmap"):
+    for fmt in formats:
         for dtype in dtypes:
             for m in m_values:
                 for k in k_values:
-                    key = (fmt, dtype, m_class(m), k_class(fmt, k))
+                    # quantized: the scale row stride K / groupsize is one more specialized argument
+                    kc = k_class(QUANT[fmt][0], k) + (k,) if fmt in QUANT else k_class(fmt, k)
+                    key = (fmt, dtype, m_class(m), kc)
                     if key not in seen:
                         seen.add(key)
                         tasks.append((fmt, dtype, k, m))
@@ -92,7 +103,21 @@ def _run(task: tuple[str, str, int, int]) -> tuple[tuple, float, str]:
     try:
         n = 256
         w = torch.randn(n, k, device=device)
-        if fmt == "24":
+        if fmt in QUANT:
+            from llmprune.kernels.bitmap import bitmap_matmul
+            from llmprune.kernels.quantized import pack_24_quantized, pack_bitmap_quantized
+            from llmprune.kernels.sparse24 import sparse24_matmul
+            from llmprune.solvers.quant import QuantConfig, round_to_nearest
+
+            layout, bits, groupsize = QUANT[fmt]
+            if layout == "24":
+                w.reshape(n, k // 4, 4)[..., 2:] = 0
+            else:
+                w = w * (torch.rand_like(w) < 0.5)
+            wq, grid = round_to_nearest(w.to(dtype), w != 0, QuantConfig(bits, groupsize))
+            p = pack_24_quantized(wq, grid) if layout == "24" else pack_bitmap_quantized(wq, grid)
+            fn = sparse24_matmul if layout == "24" else bitmap_matmul
+        elif fmt == "24":
             w = w.reshape(n, k // 4, 4)
             w[..., 2:] = 0  # 2 kept per group: any 2:4 pattern compiles the same
             from llmprune.kernels.sparse24 import sparse24_matmul
@@ -117,15 +142,20 @@ def main() -> None:
     ap.add_argument("--k-values", default="4096,11008,8192,28672")
     ap.add_argument("--m", default="1,4,16,2048")
     ap.add_argument("--dtype", default=",".join(DTYPES))
+    ap.add_argument("--formats", default=",".join(FORMATS), help=f"comma list of {', '.join(FORMATS + tuple(QUANT))}")
     args = ap.parse_args()
+    formats = tuple(args.formats.split(","))
+    unknown = set(formats) - set(FORMATS) - set(QUANT)
+    if unknown:
+        ap.error(f"unknown formats {sorted(unknown)}")
     tasks = plan([int(v) for v in args.k_values.split(",")], [int(v) for v in args.m.split(",")],
-                 tuple(args.dtype.split(",")))
+                 tuple(args.dtype.split(",")), formats)
     print(f"[precompile] {len(tasks)} compile classes on {args.procs} processes", flush=True)
     t0 = time.perf_counter()
     ctx = mp.get_context("spawn")  # CUDA cannot be used in forked children
     with ctx.Pool(args.procs, initializer=_init_worker) as pool:
         for task, secs, status in pool.imap_unordered(_run, tasks):
-            print(f"  {task[0]:<6} {task[1]} K={task[2]:<6} M={task[3]:<5} {secs:6.1f} s {status}", flush=True)
+            print(f"  {task[0]:<9} {task[1]} K={task[2]:<6} M={task[3]:<5} {secs:6.1f} s {status}", flush=True)
     print(f"[precompile] done in {time.perf_counter() - t0:.0f} s", flush=True)
 
 

@@ -14,7 +14,9 @@ import json
 import sys
 from pathlib import Path
 
-SHORT = {"sparse24_triton": "2:4", "semi_structured": "semi", "bitmap50_triton": "bm50", "bitmap70_triton": "bm70"}
+SHORT = {"sparse24_triton": "2:4", "semi_structured": "semi", "bitmap50_triton": "bm50", "bitmap70_triton": "bm70",
+         "sparse24_w8_triton": "24w8", "sparse24_w4g128_triton": "24w4", "bitmap50_w8_triton": "bmw8",
+         "bitmap50_w4g128_triton": "bmw4"}
 
 
 def kernels(path: Path) -> None:

@@ -355,20 +355,30 @@ from triton.compiler import ASTSource
 from llmprune.kernels import bitmap, sparse24
 
 POINTERS = {"x_ptr": "D", "values_ptr": "D", "y_ptr": "D", "bias_ptr": "D", "meta_ptr": "u8",
-            "bitmap_ptr": "i32", "offsets_ptr": "i32", "ws_ptr": "fp32", "cnt_ptr": "i32"}
+            "bitmap_ptr": "i32", "offsets_ptr": "i32", "ws_ptr": "fp32", "cnt_ptr": "i32",
+            "scales_ptr": "fp16", "zeros_ptr": "fp16"}
+FLOAT = dict(CODE_BITS=0, GROUP=0)  # float values; quantized kernels read uint8 codes from values_ptr
 cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 out = {}
+Q4G128, Q8CH = dict(CODE_BITS=4, GROUP=128), dict(CODE_BITS=8, GROUP=0)
 for name, kernel, consts, warps in [
-    ("24-decode-cudacore-split", sparse24._sparse24_decode_kernel, dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=256, SPLIT_K=4), 4),
-    ("24-decode-tensorcore", sparse24._sparse24_decode_kernel, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1), 4),
-    ("24-tiled", sparse24._sparse24_tiled_kernel, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), 8),
-    ("bitmap-decode-cudacore", bitmap._bitmap_decode_kernel, dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=256, SPLIT_K=1, HW_POPC=True, SLAB=512), 4),
-    ("bitmap-decode-tensorcore-split", bitmap._bitmap_decode_kernel, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=4, HW_POPC=True, SLAB=512), 4),
-    ("bitmap-tiled", bitmap._bitmap_tiled_kernel, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, HW_POPC=True), 8),
+    ("24-decode-cudacore-split", sparse24._sparse24_decode_kernel, dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=256, SPLIT_K=4, **FLOAT), 4),
+    ("24-decode-tensorcore", sparse24._sparse24_decode_kernel, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, **FLOAT), 4),
+    ("24-tiled", sparse24._sparse24_tiled_kernel, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, **FLOAT), 8),
+    ("bitmap-decode-cudacore", bitmap._bitmap_decode_kernel, dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=256, SPLIT_K=1, HW_POPC=True, SLAB=512, **FLOAT), 4),
+    ("bitmap-decode-tensorcore-split", bitmap._bitmap_decode_kernel, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=4, HW_POPC=True, SLAB=512, **FLOAT), 4),
+    ("bitmap-tiled", bitmap._bitmap_tiled_kernel, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, HW_POPC=True, **FLOAT), 8),
+    ("q-24-decode-cudacore-split", sparse24._sparse24_decode_kernel, dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=256, SPLIT_K=4, **Q4G128), 4),
+    ("q-24-decode-tensorcore", sparse24._sparse24_decode_kernel, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, **Q8CH), 4),
+    ("q-24-tiled", sparse24._sparse24_tiled_quant_kernel, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, **Q4G128), 8),
+    ("q-bitmap-decode-cudacore", bitmap._bitmap_decode_quant_kernel, dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=256, SPLIT_K=1, HW_POPC=True, SLAB=512, **Q4G128), 4),
+    ("q-bitmap-decode-tensorcore-split", bitmap._bitmap_decode_quant_kernel, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=4, HW_POPC=True, SLAB=512, **Q8CH), 4),
+    ("q-bitmap-tiled", bitmap._bitmap_tiled_quant_kernel, dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, HW_POPC=True, **Q4G128), 8),
 ]:
     consts = dict(consts, HAS_BIAS=True, PRECISION="tf32")
     fn = kernel.fn
-    sig = {a: "constexpr" if a in consts else "*" + POINTERS[a].replace("D", "bf16") if a.endswith("_ptr") else "i32"
+    pointers = dict(POINTERS, values_ptr="u8") if consts["CODE_BITS"] else POINTERS
+    sig = {a: "constexpr" if a in consts else "*" + pointers[a].replace("D", "bf16") if a.endswith("_ptr") else "i32"
            for a in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a not in consts and a not in ("M", "M_KEY")}
     c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
@@ -404,10 +414,11 @@ def test_kernels_compile_for_sm90():
         pytest.skip("no ptxas in this triton install")
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["24-tiled"]["wgmma"] and result["bitmap-tiled"]["wgmma"]
-    assert result["24-decode-tensorcore"]["wgmma"]  # BLOCK_N = 64: one warpgroup, A from the densified tile
-    assert result["bitmap-decode-tensorcore-split"]["mma"]  # BLOCK_N = 32: mma.sync
-    assert all(result[name]["popc"] for name in result if name.startswith("bitmap"))
+    for prefix in ("", "q-"):  # float values, then quantized codes (int4 g128 / int8 per channel)
+        assert result[prefix + "24-tiled"]["wgmma"] and result[prefix + "bitmap-tiled"]["wgmma"]
+        assert result[prefix + "24-decode-tensorcore"]["wgmma"]  # BLOCK_N = 64: one warpgroup, A = densified tile
+        assert result[prefix + "bitmap-decode-tensorcore-split"]["mma"]  # BLOCK_N = 32: mma.sync
+    assert all(result[name]["popc"] for name in result if "bitmap" in name)
     for name, info in result.items():
         for field in ("STACK", "LOCAL"):
             found = re.search(field + r":(\d+)", info["usage"])
