@@ -220,12 +220,11 @@ def test_gpt2_conv1d_grid_is_of_the_transposed_matrix(tmp_path):
 
 
 @pytest.mark.parametrize("kind,dtype", [("2:4", None), ("u50", None), ("2:4", "float16")])
-def test_kernels_true_on_a_quantized_checkpoint(kind, dtype, tmp_path):
-    """With the quantized kernels, 2:4 and bitmap weights stay codes (the buffers are the
-    stored tensors, dequantized to the load dtype); without them they are float SparseLinear."""
+def test_kernels_true_keeps_quantized_codes(kind, dtype, tmp_path):
+    """2:4 and bitmap weights stay codes in a quantized SparseLinear: its buffers are the stored
+    tensors, dequantized to the load dtype; the logits are the model's (the torch reference)."""
     from safetensors import safe_open
 
-    from llmprune.checkpoints import load as load_module
     from llmprune.kernels.linear import SparseLinear
 
     model = tiny_llama(torch.float32)
@@ -236,15 +235,35 @@ def test_kernels_true_on_a_quantized_checkpoint(kind, dtype, tmp_path):
     for name in grids:
         module = fast.get_submodule(name.removesuffix(".weight"))
         assert isinstance(module, SparseLinear) and module.format == STORAGE[kind], name
-        if load_module.QUANTIZED_SPARSE_LINEAR:
-            assert module.quantized and (module.bits, module.groupsize) == (4, 32)
-            assert module.packed.dtype == (torch.float16 if dtype else torch.float32)
-            with safe_open(tmp_path / "q" / index["weight_map"][name + ".packed.codes"], framework="pt") as f:
-                for field in ("codes", "scales", "zeros"):
-                    assert torch.equal(getattr(module, f"weight_{field}"), f.get_tensor(f"{name}.packed.{field}"))
-    reference = model.half() if dtype else model
-    tol = 2e-3 if dtype else 1e-5
-    torch.testing.assert_close(logits(fast), logits(reference), rtol=tol, atol=tol)
+        assert module.quantized and (module.bits, module.groupsize) == (4, 32)
+        assert module.packed.dtype == (torch.float16 if dtype else torch.float32)
+        with safe_open(tmp_path / "q" / index["weight_map"][name + ".packed.codes"], framework="pt") as f:
+            for field in ("codes", "scales", "zeros"):
+                assert torch.equal(getattr(module, f"weight_{field}"), f.get_tensor(f"{name}.packed.{field}"))
+    if dtype is None:  # the reference dequantizes exactly the model's weights: fp32 summation order only
+        torch.testing.assert_close(logits(fast), logits(model), rtol=1e-5, atol=1e-5)
+    else:  # fp16 weights are the fp16 cast of the fp32 dequantized values (one rounding)
+        torch.testing.assert_close(logits(fast), logits(llmprune.load(tmp_path / "q", dtype=dtype)), rtol=2e-3, atol=2e-3)
+
+
+def test_kernels_true_dense_codes_and_below_threshold_fall_back_to_values(tmp_path):
+    """Dense codes have no kernel, a 50 % bitmap is below the default threshold: both are
+    dequantized; a 2:4 quantized dense checkpoint becomes float SparseLinear of its values."""
+    from llmprune.kernels.linear import SparseLinear
+
+    model = tiny_llama(torch.float32)
+    pruned, grids = quantize_model(model, "dense", 8, -1)
+    save(model, pruned, grids, tmp_path / "d")
+    loaded = llmprune.load(tmp_path / "d", kernels=True, backend="torch")
+    assert not any(isinstance(m, SparseLinear) for m in loaded.modules())
+    assert torch.equal(logits(loaded), logits(model))
+    model = tiny_llama(torch.float32)
+    pruned, grids = quantize_model(model, "2:4", 4, 32)
+    save(model, pruned, grids, tmp_path / "fake", save_format="dense")
+    fast = llmprune.load(tmp_path / "fake", kernels=True, backend="torch")
+    modules = [fast.get_submodule(n.removesuffix(".weight")) for n in grids]
+    assert all(isinstance(m, SparseLinear) and not m.quantized and m.format == "2:4" for m in modules)
+    torch.testing.assert_close(logits(fast), logits(model), rtol=1e-5, atol=1e-5)
 
 
 @settings(max_examples=60, deadline=None)

@@ -45,10 +45,6 @@ from llmprune.models.skeleton import get_tensor, set_tensor, share_tensor
 
 logger = logging.getLogger(__name__)
 
-# Whether ``SparseLinear`` takes ``QuantPacked24`` / ``QuantPackedBitmap`` (the quantized
-# kernels). When False, ``kernels=True`` dequantizes quantized weights on load and packs the
-# dequantized values as float ``SparseLinear`` (logged).
-QUANTIZED_SPARSE_LINEAR = False
 _HUB_IGNORE = [f"*{suffix}" for suffix in (*PICKLE_SUFFIXES, ".gguf", ".h5", ".msgpack", ".onnx")]
 DENSE_WEIGHTS = "model.safetensors"
 DENSE_INDEX = "model.safetensors.index.json"
@@ -71,10 +67,11 @@ def load(
         ``min_bitmap_sparsity`` (default: ``llmprune.kernels.linear.DEFAULT_MIN_BITMAP_SPARSITY``),
         by a ``SparseLinear`` (``backend`` as in ``SparseLinear``); packed weights of a
         compressed checkpoint are used as stored, without re-packing. Quantized 2:4 and
-        bitmap weights of a version 2 checkpoint stay integer codes (``QuantPacked24`` /
-        ``QuantPackedBitmap``) when ``QUANTIZED_SPARSE_LINEAR``; quantized weights stored as
-        dense codes, or from a dense checkpoint, are dequantized and then treated as dense
-        pruned weights (packed as float values if sparse enough).
+        bitmap weights of a version 2 checkpoint (the bitmap ones under the same sparsity
+        rule) stay integer codes, ``QuantPacked24`` / ``QuantPackedBitmap`` in a quantized
+        ``SparseLinear``; quantized weights stored as dense codes (no kernel reads them), or
+        from a dense checkpoint, are dequantized and then treated as dense pruned weights
+        (packed as float values if sparse enough; logged).
     dtype: None keeps the stored dtypes; else ``float32 | float16 | bfloat16`` (or a torch
         dtype) casts floating tensors after they were checked.
     device: where the parameters are materialized (one tensor at a time).
@@ -94,8 +91,8 @@ def load(
     if meta["format"] == fmt.FORMAT_COMPRESSED:
 
         def keep_packed(entry: dict) -> bool:
-            if not kernels or (entry.get("quant") and not QUANTIZED_SPARSE_LINEAR):
-                return False  # quantized weights without quantized kernels: see _use_sparse_linear
+            if not kernels:
+                return False
             if entry["storage"] == "2:4":
                 return True
             size = entry["shape"][0] * entry["shape"][1]
@@ -467,9 +464,9 @@ def _use_sparse_linear(model, entries: dict, kept: dict, *, backend: str, min_bi
     converted = 0
     quantized = [name for name, entry in entries.items() if entry.get("quant") and name not in kept]
     if quantized:
-        why = "" if QUANTIZED_SPARSE_LINEAR else " (this build's SparseLinear has no quantized kernels)"
-        logger.info("kernels: %d quantized matrices are not kept as codes%s: dequantized on load, they are packed "
-                    "from their values like a dense checkpoint's matrices", len(quantized), why)
+        logger.info("kernels: %d quantized matrices are not kept as codes (dense codes, a bitmap below "
+                    "min_bitmap_sparsity, or a dense checkpoint): their dequantized values are packed like a dense "
+                    "checkpoint's matrices", len(quantized))
     for name, entry in entries.items():
         if len(entry["shape"]) != 2:
             continue  # fused MoE experts (3-D): no sparse kernel for them; they stay dense
