@@ -12,9 +12,11 @@ versions) and a generated ``README.md`` model card.
 Quantized weights (``quant_grids``): the model holds their dequantized values. ``dense``
 writes those values (fake quantization: any transformers loads them, for evaluation
 anywhere) and describes the grid (bits, group size, symmetric) in ``llmprune.json``;
-``compressed`` stores integer codes with fp16 scales and zero points (format version 2). Everything is first written to a temporary folder
-beside the target and renamed into place when complete, so an interrupted save never
-leaves a folder that looks like a whole checkpoint.
+``compressed`` stores integer codes with fp16 scales and zero points (format version 2).
+
+Everything is first written to a temporary folder beside the target and renamed into place
+when complete, so an interrupted save never leaves a folder that looks like a whole
+checkpoint.
 """
 
 from __future__ import annotations
@@ -156,8 +158,9 @@ def save_checkpoint(
     weights that were quantized; each weight must already hold its dequantized values, on
     the grid of its ``[out, in]`` matrix (for GPT-2 ``Conv1D``, whose parameter is
     ``[in, out]``, the grid of the transpose). A grid that does not fit, or a value that is on
-    no point of its grid, raises UsageError naming the parameter, and nothing is left behind. Any grid makes the checkpoint format version 2;
-    without one it is version 1, as before (``format.version_for``).
+    no point of its grid, raises UsageError naming the parameter, and nothing is left behind.
+    Any grid makes the checkpoint format version 2; without one it is version 1, as before
+    (``format.version_for``).
     """
     from llmprune.checkpoints import modelcard
     from llmprune.models.sources import prepare_for_save
