@@ -309,6 +309,29 @@ def test_dense_codes_padding_nibble_must_be_zero():
     one_line(error.value, "f: tensor w", "padding nibble")
 
 
+@pytest.mark.parametrize("save_format", ["compressed", "dense"])
+def test_layers_streamed_from_disk(save_format, tmp_path):
+    """--offload disk: decoder layers are on the meta device and read one at a time
+    (``layer_files``); quantized weights are packed / checked from the streamed tensors."""
+    model = tiny_llama(torch.float16)
+    pruned, grids = quantize_model(model, "2:4", 4, 32)
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    prefix = "model.layers."
+    model.model.layers.to("meta")
+    reads = []
+
+    def read_layer(index: int) -> dict:
+        reads.append(index)
+        return {k: v for k, v in reference.items() if k.startswith(f"{prefix}{index}.")}
+
+    meta = save(model, pruned, grids, tmp_path / "q", save_format=save_format, layer_files=("model.layers", read_layer))
+    assert reads == [0, 1] and meta["format_version"] == 2
+    assert all(e["quant"] == {"bits": 4, "groupsize": 32, "sym": False} for e in meta["pruned_weights"].values())
+    loaded = llmprune.load(tmp_path / "q")
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, reference[name]), name
+
+
 # ----------------------------------------------------------------------------- versions
 
 
