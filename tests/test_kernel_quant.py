@@ -211,13 +211,21 @@ CONFIGS = [  # (fmt, bits, groupsize, M, config)
     ("bitmap", 8, 128, 1, dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=256, SPLIT_K=2)),
     ("bitmap", 4, -1, 3, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, SPLIT_K=4)),  # more splits than slabs
     ("bitmap", 2, 64, 40, dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=128, GROUP_M=2)),
+    # the CUDA-core path with the other two ways of reading scales (tiles.dequant)
+    ("24", 4, 96, 1, dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=64, SPLIT_K=2)),  # gathered per code
+    ("bitmap", 4, 128, 1, dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=128, SPLIT_K=3)),  # one group per tile
 ]
-CONFIG_K = {"24": {32: 224, -1: 204, 64: 192, 128: 384}, "bitmap": {32: 1120, 128: 1152, -1: 1100, 64: 1088}}
+CONFIG_K = {"24": {32: 224, -1: 204, 64: 192, 128: 384, 96: 192},
+            "bitmap": {32: 1120, 128: 1152, -1: 1100, 64: 1088}}
+
+
+def _config_id(case) -> str:
+    fmt, bits, groupsize, m, config = case
+    return f"{fmt}-w{bits}-g{groupsize}-M{m}-bm{config['BLOCK_M']}-bk{config['BLOCK_K']}"
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
-@pytest.mark.parametrize("fmt, bits, groupsize, m, config", CONFIGS,
-                         ids=[f"{c[0]}-w{c[1]}-g{c[2]}-M{c[3]}-bm{c[4]['BLOCK_M']}-bk{c[4]['BLOCK_K']}" for c in CONFIGS])
+@pytest.mark.parametrize("fmt, bits, groupsize, m, config", CONFIGS, ids=[_config_id(c) for c in CONFIGS])
 def test_explicit_configs(fmt, bits, groupsize, m, config, dtype):
     k = CONFIG_K[fmt][groupsize]  # bitmap: K > 2 slabs of 512, so split-K starts inside the offsets
     wq, p = make_quant(fmt, 40, k, bits, groupsize, DTYPES[dtype], seed=3)
