@@ -453,11 +453,11 @@ def test_truncated_header(compressed_copy):
 def test_wrong_format_version(compressed_copy):
     meta_path = compressed_copy / "llmprune.json"
     meta = json.loads(meta_path.read_text())
-    meta["format_version"] = 2
+    meta["format_version"] = 3
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(CheckpointError) as error:
         llmprune.load(compressed_copy)
-    one_line(error.value, "llmprune.json", "format_version 2 is not supported", "upgrade llmprune")
+    one_line(error.value, "llmprune.json", "format_version 3 is not supported", "versions 1 and 2", "upgrade llmprune")
 
 
 def test_wrong_shard_format_version(compressed_copy):

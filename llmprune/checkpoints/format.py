@@ -1,4 +1,4 @@
-"""The compressed checkpoint format (version 1): writing and reading safetensors shards.
+"""The compressed checkpoint format (versions 1 and 2): writing and reading safetensors shards.
 
 The format is specified in ``docs/checkpoint-format.md``; this module is its reference
 implementation. In short: every pruned matrix that is 2:4 is stored as the kernels'
@@ -12,11 +12,25 @@ entry (the same entry as in ``llmprune.json``):
      "dtype": "float16", "transposed": false, "pattern": {"kind": "nm", "n": 2, "m": 4} | null,
      "nnz": 442368}
 
+Version 2 adds quantized weights: every entry gains the key ``"quant"``, null or
+``{"bits": 2..8, "groupsize": G, "sym": bool}`` (``G`` divides the ``[out, in]`` matrix's
+``in``; ``G == in`` is one group per output channel). A quantized matrix is stored as integer
+codes plus fp16 scales and zero points per group (``llmprune.kernels.quantized``): storage
+``"2:4"`` as ``QuantPacked24`` fields (``codes``, ``meta``, ``scales``, ``zeros``),
+``"bitmap"`` as ``QuantPackedBitmap`` fields (``codes``, ``bitmap``, ``offsets``, ``scales``,
+``zeros``), ``"dense"`` as the *dense codes* layout of this module (``codes`` ``[N, K]``, or
+``[N, ceil(K / 2)]`` two per byte for <= 4 bits, plus ``scales`` and ``zeros``): the storage
+names the sparsity layout, ``quant`` says whether values or codes fill it. ``dtype`` stays the
+model dtype the codes dequantize to (``llmprune.solvers.quant.dequantize``). Decision: a
+checkpoint with no quantized weight is written as version 1 (readable by every llmprune since
+0.1.0, bitwise the same files as before), one with any quantized weight as version 2; this
+reader reads both, and refuses a ``quant`` key in a version 1 file.
+
 ``transposed`` is True for GPT-2 ``Conv1D`` (its parameter is ``[in, out]``; the packed
 matrix is its transpose ``[out, in]``). A fused mixture-of-experts parameter (transformers 5
 ``mlp.experts.gate_up_proj`` ``[E, out, in]``, or ``[E, in, out]`` with ``transposed``) is
-one entry with a 3-D ``shape``; it is always stored ``"dense"`` (no per-expert packing), and
-its ``nnz`` and N:M pattern are checked expert by expert. Shards are
+one entry with a 3-D ``shape``; it is always stored ``"dense"`` and never quantized (no
+per-expert packing), and its ``nnz`` and N:M pattern are checked expert by expert. Shards are
 ``llmprune-compressed-XXXXX-of-YYYYY.safetensors`` listed by
 ``llmprune-compressed.safetensors.index.json``; the names are chosen so that ``transformers``
 does not mistake the folder for a dense checkpoint (it finds no ``model.safetensors`` and
@@ -41,7 +55,9 @@ from llmprune.errors import CheckpointError, UsageError
 
 FORMAT_COMPRESSED = "llmprune-compressed"
 FORMAT_DENSE = "llmprune-dense"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this module reads and writes
+SUPPORTED_VERSIONS = (1, 2)
+QUANT_VERSION = 2  # the first version that holds quantized weights
 INDEX_FILE = "llmprune-compressed.safetensors.index.json"
 SHARD_TEMPLATE = "llmprune-compressed-{index:05d}-of-{count:05d}.safetensors"
 PACKED_SEP = ".packed."
@@ -53,11 +69,22 @@ META_FORMAT = "llmprune.format"
 META_VERSION = "llmprune.format_version"
 META_WEIGHTS = "llmprune.weights"
 
-_ENTRY_KEYS = {"storage", "shape", "dtype", "transposed", "pattern", "nnz"}
+_ENTRY_KEYS = {"storage", "shape", "dtype", "transposed", "pattern", "nnz"}  # version 1
+_ENTRY_KEYS_V2 = _ENTRY_KEYS | {"quant"}
+_QUANT_KEYS = {"bits", "groupsize", "sym"}
 _FIELDS = {"2:4": ("values", "meta"), "bitmap": ("values", "bitmap", "offsets")}
+# Version 2, quantized: the kernels' QuantPacked24 / QuantPackedBitmap fields, and dense codes.
+_QUANT_FIELDS = {
+    "2:4": ("codes", "meta", "scales", "zeros"),
+    "bitmap": ("codes", "bitmap", "offsets", "scales", "zeros"),
+    "dense": ("codes", "scales", "zeros"),
+}
 
 
-
+def version_for(quantized: bool) -> int:
+    """The format version a checkpoint is written as: 1 unless some weight is quantized (see
+    the module docstring: unquantized checkpoints stay readable by version-1 readers)."""
+    return QUANT_VERSION if quantized else 1
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -105,6 +132,93 @@ def pack_weight(matrix: Tensor) -> tuple[str, dict[str, Tensor] | None]:
     if packed.nbytes() < dense_bytes:
         return "bitmap", {k: v.contiguous() for k, v in packed.to_tensors().items()}
     return "dense", None
+
+
+def quant_entry(grid) -> dict:
+    """The ``"quant"`` value of a weight entry for a ``llmprune.solvers.quant.QuantGrid``
+    (``groupsize`` resolved: the matrix's input size for one group per output channel)."""
+    return {"bits": int(grid.bits), "groupsize": int(grid.groupsize), "sym": bool(grid.sym)}
+
+
+def cpu_grid(grid):
+    """``grid`` (a ``QuantGrid``) with its scales and zeros on the CPU, where weights are packed."""
+    import dataclasses
+
+    if grid.scale.device.type == "cpu" and grid.zero.device.type == "cpu":
+        return grid
+    return dataclasses.replace(grid, scale=grid.scale.detach().cpu(), zero=grid.zero.detach().cpu())
+
+
+def check_grid(matrix: Tensor, grid, where: str) -> None:
+    """UsageError naming ``where`` unless ``grid`` (a ``QuantGrid``) fits the ``[N, K]`` matrix:
+    bits in 2..8, a group size dividing K, fp16 scales and zeros ``[N, K / G]``, scales finite
+    and positive, zero points integers in ``0 .. 2**bits - 1``."""
+    n, k = matrix.shape
+    bits, g = grid.bits, grid.groupsize
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise UsageError(f"{where}: quantization bits must be an integer in 2..8, got {bits!r}")
+    if isinstance(g, bool) or not isinstance(g, int) or g < 1 or k % g:
+        raise UsageError(f"{where}: group size {g!r} does not divide the {k} input columns")
+    for name, t in (("scale", grid.scale), ("zero", grid.zero)):
+        if not isinstance(t, Tensor) or t.dtype != torch.float16 or tuple(t.shape) != (n, k // g):
+            got = f"{dtype_name(t.dtype)} {list(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+            raise UsageError(f"{where}: grid {name} is {got}, expected float16 [{n}, {k // g}] (group size {g})")
+    scale, zero = grid.scale.float(), grid.zero.float()
+    if not bool((torch.isfinite(scale) & (scale > 0)).all()):
+        raise UsageError(f"{where}: grid scales must be finite and positive")
+    if not bool(((zero >= 0) & (zero <= 2**bits - 1) & (zero == zero.round())).all()):
+        raise UsageError(f"{where}: grid zero points must be integers in 0..{2**bits - 1}")
+
+
+def pack_quantized(matrix: Tensor, grid, where: str) -> tuple[str, dict[str, Tensor]]:
+    """Choose the storage of one quantized pruned matrix ``[N, K]`` and pack its codes.
+
+    ``matrix`` holds the dequantized values (on ``grid``, a ``QuantGrid`` of ``[N, K]``).
+    Returns ``("2:4", QuantPacked24 tensors)`` if the matrix is 2:4 along K and that is
+    smaller than dense codes, else ``("bitmap", QuantPackedBitmap tensors)`` if that is
+    smaller than dense codes, else ``("dense", dense codes)`` (:func:`pack_dense_codes`); the
+    sizes are the formats' exact byte counts. UsageError naming ``where`` if the grid does not
+    fit or an entry is on no grid point.
+    """
+    from llmprune.kernels.formats import BITMAP_SLAB_K, _bitmap_words, _meta24_cols, cdiv, is_24
+    from llmprune.kernels.quantized import pack_24_quantized, pack_bitmap_quantized, packed_codes_length
+
+    grid = cpu_grid(grid)
+    matrix = matrix.detach().cpu()
+    check_grid(matrix, grid, where)
+    n, k = matrix.shape
+    bits = grid.bits
+    grid_bytes = 2 * grid.scale.numel() * 2  # fp16 scales + fp16 zeros, in every storage
+    dense_bytes = n * packed_codes_length(k, bits) + grid_bytes
+    try:
+        if k % 4 == 0 and is_24(matrix):
+            if n * (packed_codes_length(k // 2, bits) + _meta24_cols(k)) + grid_bytes < dense_bytes:
+                return "2:4", _contiguous(pack_24_quantized(matrix, grid).to_tensors())
+        nnz = int(torch.count_nonzero(matrix))
+        bitmap_bytes = packed_codes_length(nnz, bits) + 4 * n * (_bitmap_words(k) + cdiv(k, BITMAP_SLAB_K)) + grid_bytes
+        if bitmap_bytes < dense_bytes:
+            return "bitmap", _contiguous(pack_bitmap_quantized(matrix, grid).to_tensors())
+        return "dense", pack_dense_codes(matrix, grid)
+    except ValueError as error:  # codes_of: an entry that is not on the grid
+        raise UsageError(f"{where}: {error}") from None
+
+
+def _contiguous(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+
+
+def pack_dense_codes(matrix: Tensor, grid) -> dict[str, Tensor]:
+    """The dense-codes layout of a quantized ``[N, K]`` matrix on ``grid``: ``codes`` uint8
+    ``[N, K]`` (5..8 bits) or ``[N, ceil(K / 2)]`` (2..4 bits, two per byte, each row packed
+    on its own: column ``2j`` in the low nibble of byte ``j``, ``2j + 1`` in the high nibble,
+    a missing last nibble 0), ``scales`` and ``zeros`` fp16 ``[N, K / G]``. ValueError if an
+    entry is on no grid point (``codes_of``)."""
+    from llmprune.kernels.quantized import pack_nibbles
+    from llmprune.solvers.quant import codes_of
+
+    codes = codes_of(matrix, grid)  # [N, K] uint8
+    packed = pack_nibbles(codes) if grid.bits <= 4 else codes
+    return _contiguous({"codes": packed, "scales": grid.scale, "zeros": grid.zero})
 
 
 def unpack_fields(storage: str, tensors: dict[str, Tensor], shape: tuple[int, int], where: str):
@@ -200,12 +314,133 @@ def decode_packed(storage: str, tensors: dict[str, Tensor], shape: tuple[int, in
         raise CheckpointError(f"{where}: {error}") from None
 
 
+def decode_quantized(storage: str, tensors: dict[str, Tensor], shape: tuple[int, int], quant: dict,
+                     dtype: torch.dtype, where: str, out: Tensor | None = None) -> Tensor:
+    """Validate and dequantize a quantized packed weight ``[N, K]`` (``quant``: a checked
+    entry's ``"quant"``), block of rows by block of rows as :func:`decode_packed`.
+
+    Checks: the storage's fields and no others; ``scales`` / ``zeros`` fp16 ``[N, K / G]``,
+    scales finite and positive, zero points integers in ``0 .. 2**bits - 1``; codes uint8 of
+    the layout's shape, every code ``< 2**bits``, a padding nibble 0; the 2:4 metadata and the
+    bitmap with its offsets as ``Packed24`` / ``PackedBitmap.from_tensors`` check them.
+    Returns the dense matrix in ``dtype`` (``(code - zero) * scale`` in fp32, then cast:
+    ``llmprune.solvers.quant.dequantize``; ``+0.0`` where nothing is kept), written into
+    ``out`` if given.
+    """
+    from llmprune.kernels.quantized import QuantPacked24, QuantPackedBitmap, packed_codes_length, unpack_quantized
+    from llmprune.solvers.quant import dequantize
+
+    n, k = shape
+    bits, g = quant["bits"], quant["groupsize"]
+    fields = _QUANT_FIELDS[storage]
+    if set(tensors) != set(fields):
+        raise CheckpointError(f"{where}: expected tensors {list(fields)}, got {sorted(tensors)}")
+    scales, zeros, codes = tensors["scales"], tensors["zeros"], tensors["codes"]
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        if t.dtype != torch.float16 or tuple(t.shape) != (n, k // g):
+            raise CheckpointError(f"{where}: {name} are {dtype_name(t.dtype)} {list(t.shape)}, expected float16 "
+                                  f"[{n}, {k // g}] (group size {g})")
+    s32, z32 = scales.float(), zeros.float()
+    bad = (~(torch.isfinite(s32) & (s32 > 0))).nonzero()
+    if bad.numel():
+        r, c = (int(v) for v in bad[0])
+        raise CheckpointError(f"{where}: scales[{r}, {c}] = {float(s32[r, c])!r}; scales must be finite and positive")
+    bad = (~((z32 >= 0) & (z32 < 2**bits) & (z32 == z32.round()))).nonzero()
+    if bad.numel():
+        r, c = (int(v) for v in bad[0])
+        raise CheckpointError(f"{where}: zeros[{r}, {c}] = {float(z32[r, c])!r} is not an integer in 0..{2**bits - 1}")
+    if codes.dtype != torch.uint8:
+        raise CheckpointError(f"{where}: codes have dtype {dtype_name(codes.dtype)}, expected uint8")
+    if out is None:
+        out = torch.empty(n, k, dtype=dtype)
+    try:
+        if storage == "dense":
+            width = packed_codes_length(k, bits)
+            if tuple(codes.shape) != (n, width):
+                raise CheckpointError(f"{where}: codes have shape {list(codes.shape)}, expected [{n}, {width}] "
+                                      f"({bits}-bit codes of {k} columns)")
+            for r0, r1 in _row_blocks(n, k):
+                block = _unpacked_codes(codes[r0:r1], k, bits, where, r0)  # [rows, K]
+                scale = scales[r0:r1].float().repeat_interleave(g, dim=1)
+                zero = zeros[r0:r1].float().repeat_interleave(g, dim=1)
+                out[r0:r1] = dequantize(block, scale, zero, dtype)
+            return out
+        if storage == "2:4":
+            for name in ("codes", "meta"):
+                if tensors[name].dim() != 2 or tensors[name].shape[0] != n:
+                    raise CheckpointError(f"{where}: {name} has shape {list(tensors[name].shape)}, expected {n} rows")
+            for r0, r1 in _row_blocks(n, k):
+                block = QuantPacked24.from_tensors({name: tensors[name][r0:r1] for name in fields}, (r1 - r0, k),
+                                                   bits, g, dtype)
+                out[r0:r1] = unpack_quantized(block)
+            return out
+        return _decode_quantized_bitmap(tensors, n, k, bits, g, dtype, where, out)
+    except ValueError as error:
+        if isinstance(error, CheckpointError):
+            raise
+        raise CheckpointError(f"{where}: {error}") from None
+
+
+def _unpacked_codes(codes: Tensor, count: int, bits: int, where: str, row0: int = 0) -> Tensor:
+    """Codes one per uint8 (``[..., count]``) from their stored layout; CheckpointError naming
+    the first code ``>= 2**bits`` or a nonzero padding nibble (rows counted from ``row0``)."""
+    from llmprune.kernels.quantized import unpack_nibbles
+
+    if bits <= 4:
+        if count % 2 and bool((codes[..., -1] >> 4).any()):
+            raise CheckpointError(f"{where}: the padding nibble after the last of {count} codes must be 0")
+        codes = unpack_nibbles(codes, count)
+    bad = (codes >= 2**bits).nonzero() if bits < 8 else codes.new_zeros(0)  # uint8: every code fits 8 bits
+    if bad.numel():
+        at = [int(v) for v in bad[0]]
+        place = f"row {row0 + at[0]}, code {at[1]}" if len(at) == 2 else f"code {at[0]}"
+        raise CheckpointError(f"{where}: {place} is {int(codes[tuple(at)])}, outside 0..{2**bits - 1} for {bits} bits")
+    return codes
+
+
+def _decode_quantized_bitmap(tensors: dict[str, Tensor], n: int, k: int, bits: int, g: int, dtype: torch.dtype,
+                             where: str, out: Tensor) -> Tensor:
+    from llmprune.kernels.formats import _bitmap_mask
+    from llmprune.kernels.quantized import QuantPackedBitmap, packed_codes_length, unpack_quantized
+
+    codes, bitmap, offsets = tensors["codes"], tensors["bitmap"], tensors["offsets"]
+    for name in ("bitmap", "offsets", "scales", "zeros"):
+        if tensors[name].dim() != 2 or tensors[name].shape[0] != n:
+            raise CheckpointError(f"{where}: {name} has shape {list(tensors[name].shape)}, expected {n} rows")
+    if codes.dim() != 1 or bitmap.dtype != torch.int32 or offsets.dtype != torch.int32 or offsets.shape[1] < 1:
+        raise CheckpointError(f"{where}: codes must be 1-D, bitmap int32 and offsets int32 [N, slabs]")
+    nnz = sum(int(_bitmap_mask(bitmap[r0:r1]).sum()) for r0, r1 in _row_blocks(n, k))  # bounded temporaries
+    length = packed_codes_length(nnz, bits)
+    if codes.numel() != length:
+        raise CheckpointError(f"{where}: codes have {codes.numel()} bytes; {nnz} kept weights of {bits} bits need {length}")
+    flat = _unpacked_codes(codes, nnz, bits, where)  # [nnz] uint8: 1 byte per kept weight
+    if int(offsets[0, 0]) != 0:
+        raise CheckpointError(f"{where}: offsets[0, 0] = {int(offsets[0, 0])}, must be 0")
+    for r0, r1 in _row_blocks(n, k):
+        start = int(offsets[r0, 0])
+        end = int(offsets[r1, 0]) if r1 < n else nnz
+        if not start <= end <= nnz:
+            raise CheckpointError(f"{where}: offsets[{r1}, 0] = {end} is out of order or past the {nnz} codes")
+        # The block's codes are already one per byte and range-checked for `bits` above, so the
+        # block is rebuilt as 8-bit codes: from_tensors then checks its bitmap, offsets and code
+        # count, and unpack_quantized dequantizes (the value does not depend on `bits`).
+        block = QuantPackedBitmap.from_tensors(
+            {"codes": flat[start:end], "bitmap": bitmap[r0:r1], "offsets": offsets[r0:r1] - start,
+             "scales": tensors["scales"][r0:r1], "zeros": tensors["zeros"][r0:r1]}, (r1 - r0, k), 8, g, dtype)
+        out[r0:r1] = unpack_quantized(block)
+    return out
+
+
 # ------------------------------------------------------------------------- entries and checks
 
 
-def make_entry(param: Tensor, storage: str, transposed: bool, pattern: dict | None) -> dict:
-    """The JSON description of one pruned parameter (see the module docstring)."""
-    return {
+def make_entry(param: Tensor, storage: str, transposed: bool, pattern: dict | None, quant: dict | None = None,
+               version: int = 1) -> dict:
+    """The JSON description of one pruned parameter (see the module docstring); version 2
+    entries carry ``"quant"`` (:func:`quant_entry`, or None)."""
+    if quant is not None and version < QUANT_VERSION:
+        raise ValueError(f"a quantized weight needs format version {QUANT_VERSION}, not {version}")
+    entry = {
         "storage": storage,
         "shape": list(param.shape),
         "dtype": dtype_name(param.dtype),
@@ -213,13 +448,34 @@ def make_entry(param: Tensor, storage: str, transposed: bool, pattern: dict | No
         "pattern": pattern,
         "nnz": int(torch.count_nonzero(param)),
     }
+    if version >= QUANT_VERSION:
+        entry["quant"] = quant
+    return entry
 
 
-def check_entry(entry: object, where: str) -> dict:
-    """Validate the keys and types of one weight entry; return it."""
-    if not isinstance(entry, dict) or set(entry) != _ENTRY_KEYS:
-        keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
-        raise CheckpointError(f"{where}: weight entry needs keys {sorted(_ENTRY_KEYS)}, got {keys}")
+def entry_fields(entry: dict) -> tuple[str, ...]:
+    """The ``.packed.<field>`` tensors of a weight (by its checked entry); ``()`` when it is one
+    plain tensor under its own name (``"dense"`` and not quantized)."""
+    if entry.get("quant"):
+        return _QUANT_FIELDS[entry["storage"]]
+    return () if entry["storage"] == "dense" else _FIELDS[entry["storage"]]
+
+
+def matrix_shape(entry: dict) -> tuple[int, int]:
+    """``(N, K)`` of the ``[out, in]`` matrix of a 2-D entry (its shape, transposed if ``transposed``)."""
+    rows, cols = entry["shape"]
+    return (cols, rows) if entry["transposed"] else (rows, cols)
+
+
+def check_entry(entry: object, where: str, version: int = 1) -> dict:
+    """Validate the keys and types of one weight entry of a ``version`` file; return it."""
+    keys = _ENTRY_KEYS_V2 if version >= QUANT_VERSION else _ENTRY_KEYS
+    if isinstance(entry, dict) and version < QUANT_VERSION and "quant" in entry:
+        raise CheckpointError(f"{where}: a quantized weight entry needs format_version {QUANT_VERSION}, "
+                              f"the file declares {version}")
+    if not isinstance(entry, dict) or set(entry) != keys:
+        got = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+        raise CheckpointError(f"{where}: weight entry needs keys {sorted(keys)}, got {got}")
     if entry["storage"] not in STORAGES:
         raise CheckpointError(f"{where}: unknown storage {entry['storage']!r} (expected one of {STORAGES})")
     shape = entry["shape"]
@@ -242,7 +498,26 @@ def check_entry(entry: object, where: str) -> dict:
             pattern_from_dict(pattern)
         except (TypeError, ValueError) as error:
             raise CheckpointError(f"{where}: bad pattern {pattern!r}: {error}") from None
+    if entry.get("quant") is not None:
+        _check_quant_entry(entry, where)
     return entry
+
+
+def _check_quant_entry(entry: dict, where: str) -> None:
+    quant = entry["quant"]
+    if not isinstance(quant, dict) or set(quant) != _QUANT_KEYS:
+        got = sorted(quant) if isinstance(quant, dict) else repr(quant)
+        raise CheckpointError(f"{where}: quant must be null or an object with keys {sorted(_QUANT_KEYS)}, got {got}")
+    if len(entry["shape"]) != 2:
+        raise CheckpointError(f"{where}: a fused experts parameter {entry['shape']} cannot be quantized")
+    bits, g, sym = quant["bits"], quant["groupsize"], quant["sym"]
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise CheckpointError(f"{where}: quant bits must be an integer in 2..8, got {bits!r}")
+    k = matrix_shape(entry)[1]
+    if isinstance(g, bool) or not isinstance(g, int) or g < 1 or k % g:
+        raise CheckpointError(f"{where}: quant groupsize must be a positive divisor of the {k} input columns, got {g!r}")
+    if not isinstance(sym, bool):
+        raise CheckpointError(f"{where}: quant sym must be true or false, got {sym!r}")
 
 
 def verify_matrix(matrix: Tensor, entry: dict, where: str) -> None:
@@ -288,31 +563,38 @@ def _checked_nonzeros(matrix: Tensor, nm: tuple[int, int] | None, where: str) ->
     return nnz
 
 
-def shard_weights(header: ShardHeader, label: str) -> dict[str, dict]:
-    """The packed-weight entries a compressed shard declares; checks its format and version."""
+def shard_weights(header: ShardHeader, label: str, expected_version: int | None = None) -> dict[str, dict]:
+    """The packed-weight entries a compressed shard declares; checks its format and version
+    (equal to ``expected_version``, the checkpoint's, when given)."""
     fmt = header.metadata.get(META_FORMAT)
     if fmt != FORMAT_COMPRESSED:
         raise CheckpointError(f"{label}: not an {FORMAT_COMPRESSED} shard (metadata {META_FORMAT} = {fmt!r})")
-    check_version(header.metadata.get(META_VERSION), label)
+    version = check_version(header.metadata.get(META_VERSION), label)
+    if expected_version is not None and version != expected_version:
+        raise CheckpointError(f"{label}: format_version {version} differs from the checkpoint's {expected_version}")
     try:
         entries = json.loads(header.metadata.get(META_WEIGHTS, "{}"))
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{label}: metadata {META_WEIGHTS} is not valid JSON ({error})") from None
     if not isinstance(entries, dict):
         raise CheckpointError(f"{label}: metadata {META_WEIGHTS} must be a JSON object")
-    return {name: check_entry(entry, f"{label}: tensor {name}") for name, entry in entries.items()}
+    return {name: check_entry(entry, f"{label}: tensor {name}", version) for name, entry in entries.items()}
 
 
-def check_version(version: object, label: str) -> None:
+def check_version(version: object, label: str) -> int:
+    """The format version ``version`` (an int, or its string in shard metadata) if this reader
+    reads it (:data:`SUPPORTED_VERSIONS`); else CheckpointError."""
     try:
         number = int(version)
     except (TypeError, ValueError):
         raise CheckpointError(f"{label}: missing or bad format_version {version!r}") from None
-    if number != FORMAT_VERSION:
+    if number not in SUPPORTED_VERSIONS:
+        readable = " and ".join(str(v) for v in SUPPORTED_VERSIONS)
         raise CheckpointError(
-            f"{label}: format_version {number} is not supported (this llmprune reads version {FORMAT_VERSION}); "
+            f"{label}: format_version {number} is not supported (this llmprune reads versions {readable}); "
             + ("upgrade llmprune" if number > FORMAT_VERSION else "re-save the checkpoint")
         )
+    return number
 
 
 def packed_key(name: str, field: str) -> str:
@@ -333,11 +615,15 @@ def write_shards(
     *,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     state: tuple | None = None,
+    quant_grids: dict | None = None,
 ) -> dict[str, dict]:
     """Write the model's tensors into compressed shards plus the index, in ``folder``.
 
     ``state``: ``(tensors, tied)`` to write instead of ``unique_state(model)`` (a
     ``checkpoints.save.StreamedState`` reads decoder layers on access).
+    ``quant_grids``: ``{parameter name: QuantGrid}`` of the quantized pruned weights (the grid
+    of the ``[out, in]`` matrix; the weight holds the dequantized values): they are stored as
+    codes (:func:`pack_quantized`) and the checkpoint is version 2 (:func:`version_for`).
 
     ``pruned`` maps parameter names to ``(transposed, declared pattern dict or None)``.
     Returns the entry of every pruned parameter (``storage`` says how it was stored). A fused
@@ -348,9 +634,14 @@ def write_shards(
     unknown = sorted(set(pruned) - set(tensors))
     if unknown:
         raise UsageError(f"pruned weights {unknown[:3]} are not tensors of {type(model).__name__}")
+    grids = quant_grids or {}
+    unknown = sorted(set(grids) - set(pruned))
+    if unknown:
+        raise UsageError(f"quantization grids given for {unknown[:3]}, which are not pruned weights")
+    version = version_for(bool(grids))
 
     def shard_metadata(entries: dict) -> dict:
-        return {"format": "pt", META_FORMAT: FORMAT_COMPRESSED, META_VERSION: str(FORMAT_VERSION),
+        return {"format": "pt", META_FORMAT: FORMAT_COMPRESSED, META_VERSION: str(version),
                 META_WEIGHTS: json.dumps(entries, separators=(",", ":"))}
 
     writer = ShardWriter(folder, max_shard_bytes, shard_metadata)
@@ -361,19 +652,27 @@ def write_shards(
             writer.add({name: tensor.contiguous()})
             continue
         transposed, pattern = pruned[name]
+        grid = grids.get(name)
         if tensor.dim() not in (2, 3):
             raise UsageError(f"pruned weight {name} is {tensor.dim()}-D, expected a matrix or fused experts")
         if tensor.dim() == 3:
+            if grid is not None:
+                raise UsageError(f"{name}: a fused experts parameter {list(tensor.shape)} is stored dense and "
+                                 "cannot be quantized in the compressed format; save it without quantization")
             storage, fields = "dense", None
+        elif grid is not None:
+            matrix = tensor.t() if transposed else tensor  # [out, in]
+            storage, fields = pack_quantized(matrix.contiguous(), grid, name)
         else:
             matrix = tensor.t() if transposed else tensor  # [out, in]
             storage, fields = pack_weight(matrix.contiguous())
-        entries[name] = make_entry(tensor, storage, transposed, pattern)
+        quant = quant_entry(grid) if grid is not None else None
+        entries[name] = make_entry(tensor, storage, transposed, pattern, quant, version)
         group = {name: tensor.contiguous()} if fields is None else {packed_key(name, k): v for k, v in fields.items()}
         writer.add(group, {name: entries[name]})
     weight_map = writer.finish(lambda index, count: SHARD_TEMPLATE.format(index=index, count=count))
     index_data = {
-        "metadata": {"format": FORMAT_COMPRESSED, "format_version": FORMAT_VERSION, "total_size": writer.total_bytes,
+        "metadata": {"format": FORMAT_COMPRESSED, "format_version": version, "total_size": writer.total_bytes,
                      "tied": tied},
         "weight_map": weight_map,
     }

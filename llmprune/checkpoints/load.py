@@ -1,16 +1,21 @@
 """``llmprune.load(path_or_hub_id)``: a checkpoint folder or Hub repo -> a normal transformers model.
 
-Both formats (``docs/checkpoint-format.md``) come back as a regular ``PreTrainedModel``
-with dense weights, bitwise equal to what was saved (``-0.0`` comes back as ``+0.0`` from
-compressed storage), or, with ``kernels=True``, with the pruned ``Linear`` modules replaced
+Both formats (``docs/checkpoint-format.md``, versions 1 and 2) come back as a regular
+``PreTrainedModel`` with dense weights, bitwise equal to what was saved (``-0.0`` comes back
+as ``+0.0`` from compressed storage; quantized matrices of version 2 are dequantized,
+``(code - zero) * scale`` in fp32 cast to the model dtype, which is bitwise the in-memory
+model that was saved), or, with ``kernels=True``, with the pruned ``Linear`` modules replaced
 by ``llmprune.kernels.linear.SparseLinear``.
 
 Checks, each failing with a one-line :class:`llmprune.errors.CheckpointError` naming
 the file and the tensor: ``llmprune.json`` present, its format known and its
 ``format_version`` supported; every shard present, its header sound and not truncated;
 every tensor the index lists present and every tensor the model needs found; shapes and
-dtypes as declared; packed metadata valid (``from_tensors``); every pruned weight's nonzero
-count equal to the declared one and its N:M pattern respected.
+dtypes as declared; packed metadata valid (``from_tensors``); quantized weights' grids
+(bits, group size dividing K, scales and zeros of the right shape, finite positive scales,
+integer zero points and codes in range); every pruned weight's nonzero count equal to the
+declared one and its N:M pattern respected; the version equal in llmprune.json, the index and
+every shard.
 
 Memory. A compressed checkpoint is loaded by building the model on the meta device
 (accelerate ``init_empty_weights``; buffers stay real) and reading each tensor's bytes
@@ -61,7 +66,12 @@ def load(
     kernels: replace each pruned matrix that is 2:4, or bitmap with sparsity at least
         ``min_bitmap_sparsity`` (default: ``llmprune.kernels.linear.DEFAULT_MIN_BITMAP_SPARSITY``),
         by a ``SparseLinear`` (``backend`` as in ``SparseLinear``); packed weights of a
-        compressed checkpoint are used as stored, without re-packing.
+        compressed checkpoint are used as stored, without re-packing. Quantized 2:4 and
+        bitmap weights of a version 2 checkpoint (the bitmap ones under the same sparsity
+        rule) stay integer codes, ``QuantPacked24`` / ``QuantPackedBitmap`` in a quantized
+        ``SparseLinear``; quantized weights stored as dense codes (no kernel reads them), or
+        from a dense checkpoint, are dequantized and then treated as dense pruned weights
+        (packed as float values if sparse enough; logged).
     dtype: None keeps the stored dtypes; else ``float32 | float16 | bfloat16`` (or a torch
         dtype) casts floating tensors after they were checked.
     device: where the parameters are materialized (one tensor at a time).
@@ -147,13 +157,13 @@ def read_metadata(folder: Path) -> dict:
         raise CheckpointError(
             f"{path}: unknown format {meta.get('format')!r} (expected {fmt.FORMAT_DENSE} or {fmt.FORMAT_COMPRESSED})"
         )
-    fmt.check_version(meta.get("format_version"), str(path))
+    version = fmt.check_version(meta.get("format_version"), str(path))
     entries = meta.get("pruned_weights")
     if entries is None and meta["format"] == fmt.FORMAT_DENSE:
         entries = {}  # nothing declared: nothing to verify
     if not isinstance(entries, dict):
         raise CheckpointError(f"{path}: pruned_weights must be a JSON object")
-    meta["pruned_weights"] = {name: fmt.check_entry(e, f"{path}: tensor {name}") for name, e in entries.items()}
+    meta["pruned_weights"] = {name: fmt.check_entry(e, f"{path}: tensor {name}", version) for name, e in entries.items()}
     return meta
 
 
@@ -257,7 +267,7 @@ def _load_compressed(folder: Path, meta: dict, cast, device, trust_remote_code: 
                 _check_declared(tensor, described[key][1], where)
             set_tensor(model, key, _cast(tensor, cast).to(device))
         for name, (shard, entry) in described.items():
-            if shard == file and entry["storage"] != "dense":
+            if shard == file and fmt.entry_fields(entry):
                 since_trim += _read_packed(model, expected, header, name, entry, label, cast, device, keep_packed, kept)
                 if since_trim >= _TRIM_EVERY_BYTES:
                     _release_freed_memory()
@@ -285,7 +295,9 @@ def _check_compressed_files(folder: Path, meta: dict):
     imeta = index.get("metadata") or {}
     if imeta.get("format") != fmt.FORMAT_COMPRESSED:
         raise CheckpointError(f"{index_path}: metadata.format is {imeta.get('format')!r}, expected {fmt.FORMAT_COMPRESSED}")
-    fmt.check_version(imeta.get("format_version"), str(index_path))
+    version = fmt.check_version(imeta.get("format_version"), str(index_path))
+    if version != int(meta["format_version"]):
+        raise CheckpointError(f"{index_path}: format_version {version} differs from {METADATA_FILE}'s {meta['format_version']}")
     weight_map = index.get("weight_map")
     tied = imeta.get("tied") or {}
     if not isinstance(weight_map, dict) or not isinstance(tied, dict):
@@ -300,7 +312,7 @@ def _check_compressed_files(folder: Path, meta: dict):
             raise CheckpointError(f"{folder / file}: tensor {unlisted[0]} is not listed in {fmt.INDEX_FILE}")
     described: dict[str, tuple[str, dict]] = {}
     for file, header in headers.items():
-        for name, entry in fmt.shard_weights(header, str(folder / file)).items():
+        for name, entry in fmt.shard_weights(header, str(folder / file), version).items():
             described[name] = (file, entry)
     declared = meta["pruned_weights"]
     for name in sorted(set(declared) | set(described)):
@@ -311,12 +323,17 @@ def _check_compressed_files(folder: Path, meta: dict):
             raise CheckpointError(f"{folder / file}: tensor {name}: its shard metadata {entry} differs from {METADATA_FILE}")
     packed_keys: set[str] = set()
     for name, (file, entry) in described.items():
-        keys = [name] if entry["storage"] == "dense" else [fmt.packed_key(name, f) for f in fmt.packed_fields(entry["storage"])]
+        fields = fmt.entry_fields(entry)
+        keys = [fmt.packed_key(name, f) for f in fields] if fields else [name]
         for key in keys:
             if weight_map.get(key) != file:
-                raise CheckpointError(f"{folder / file}: tensor {key} is missing (weight {name} is stored as {entry['storage']})")
-        if entry["storage"] != "dense":
+                what = entry["storage"] + (f" {entry['quant']['bits']}-bit codes" if entry.get("quant") else "")
+                raise CheckpointError(f"{folder / file}: tensor {key} is missing (weight {name} is stored as {what})")
+        if fields:
             packed_keys.update(keys)
+    for name in described:
+        if fmt.entry_fields(described[name][1]) and name in weight_map:
+            raise CheckpointError(f"{folder / weight_map[name]}: tensor {name} is stored packed and must not also be a plain tensor")
     stray = sorted(k for k in weight_map if fmt.PACKED_SEP in k and k not in packed_keys)
     if stray:
         raise CheckpointError(f"{folder / weight_map[stray[0]]}: tensor {stray[0]} belongs to no described weight")
@@ -332,22 +349,26 @@ def _read_packed(model, expected: dict, header, name: str, entry: dict, label: s
     if target is None or list(target.shape) != entry["shape"]:
         got = "no such parameter" if target is None else f"the model expects {list(target.shape)}"
         raise CheckpointError(f"{where}: declared shape {entry['shape']}, {got}")
-    rows, cols = entry["shape"]
-    shape = (cols, rows) if entry["transposed"] else (rows, cols)
+    shape = fmt.matrix_shape(entry)
     # What stays (the dense matrix, or the packed tensors with kernels=True) is allocated
     # before what is freed, so the freed memory is at the top of the heap, reused by the
     # next weight (measured for SmolLM2 2:4 fp16: 1.17x -> 1.10x of the model before
     # trimming was added; with kernels=True, 1.28x -> 1.11x).
     keep = keep_packed(entry)
-    keys = {fmt.packed_key(name, f): f for f in fmt.packed_fields(entry["storage"])}
+    keys = {fmt.packed_key(name, f): f for f in fmt.entry_fields(entry)}
     dtype = fmt.parse_dtype_name(entry["dtype"], where)
     matrix = None if keep else torch.empty(shape, dtype=dtype)  # [out, in]
     fields = {keys[k]: t for k, t in st.iter_tensors(header, list(keys), label)}
     if matrix is None:
         matrix = torch.empty(shape, dtype=dtype)
-    fmt.decode_packed(entry["storage"], fields, shape, where, out=matrix)  # validated
+    if entry.get("quant"):
+        fmt.decode_quantized(entry["storage"], fields, shape, entry["quant"], dtype, where, out=matrix)  # validated
+    else:
+        fmt.decode_packed(entry["storage"], fields, shape, where, out=matrix)  # validated
     fmt.verify_matrix(matrix, entry, where)
-    if keep:  # blocks validated above: the constructor's shape checks suffice
+    if keep and entry.get("quant"):  # validated above: the constructor's shape checks suffice
+        kept[name] = _cast_packed(_quant_packed(entry, fields, shape, dtype), cast).to(device)
+    elif keep:  # blocks validated above: the constructor's shape checks suffice
         kept[name] = _cast_packed(fmt.packed_from_fields(entry["storage"], fields, shape), cast).to(device)
     else:
         weight = matrix.t().contiguous() if entry["transposed"] else matrix
@@ -386,9 +407,29 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
+def _quant_packed(entry: dict, fields: dict, shape: tuple[int, int], dtype: torch.dtype):
+    """The kernels' ``QuantPacked24`` / ``QuantPackedBitmap`` over a quantized weight's validated
+    tensors (the bitmap's nnz from the entry, so that no mask is expanded again)."""
+    from llmprune.kernels.quantized import QuantPacked24, QuantPackedBitmap
+
+    quant = entry["quant"]
+    common = dict(shape=shape, bits=quant["bits"], groupsize=quant["groupsize"], dtype=dtype)
+    if entry["storage"] == "2:4":
+        return QuantPacked24(**fields, **common)
+    return QuantPackedBitmap(**fields, **common, nnz=entry["nnz"])
+
+
 def _cast_packed(packed, dtype: torch.dtype | None):
+    """``packed`` with its values in ``dtype``: float values are cast; a quantized weight keeps
+    its codes, scales and zeros and is dequantized to ``dtype`` instead."""
     if dtype is None or packed.dtype == dtype:
         return packed
+    from llmprune.kernels.quantized import QuantPackedBitmap
+
+    if hasattr(packed, "bits"):
+        extra = {"nnz": packed.nnz} if isinstance(packed, QuantPackedBitmap) else {}
+        return type(packed)(**packed.to_tensors(), shape=packed.shape, bits=packed.bits, groupsize=packed.groupsize,
+                            dtype=dtype, **extra)
     tensors = packed.to_tensors()
     tensors["values"] = tensors["values"].to(dtype)
     return type(packed)(**tensors, shape=packed.shape)
@@ -421,6 +462,11 @@ def _use_sparse_linear(model, entries: dict, kept: dict, *, backend: str, min_bi
     from llmprune.kernels.linear import SparseLinear
 
     converted = 0
+    quantized = [name for name, entry in entries.items() if entry.get("quant") and name not in kept]
+    if quantized:
+        logger.info("kernels: %d quantized matrices are not kept as codes (dense codes, a bitmap below "
+                    "min_bitmap_sparsity, or a dense checkpoint): their dequantized values are packed like a dense "
+                    "checkpoint's matrices", len(quantized))
     for name, entry in entries.items():
         if len(entry["shape"]) != 2:
             continue  # fused MoE experts (3-D): no sparse kernel for them; they stay dense

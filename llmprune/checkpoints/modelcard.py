@@ -168,6 +168,33 @@ def _base_name(base: dict) -> str | None:
     return source if base.get("kind") in ("alias", "hub") else f"a local model ({Path(source).name})"
 
 
+def _quant_entries(meta: dict) -> list[tuple[dict, int]]:
+    """``(quant, in_features)`` of every quantized pruned matrix in ``llmprune.json``."""
+    out = []
+    for entry in (meta.get("pruned_weights") or {}).values():
+        quant = entry.get("quant") if isinstance(entry, dict) else None
+        if quant and len(entry.get("shape") or []) == 2:
+            rows, cols = entry["shape"]
+            out.append((quant, rows if entry.get("transposed") else cols))
+    return out
+
+
+def quant_summary(meta: dict) -> str | None:
+    """One phrase on the quantization of the pruned matrices (bits, symmetry, group size), or
+    None when none is quantized. A group size equal to a matrix's input size is "per output
+    channel" (``--groupsize -1``)."""
+    quants = _quant_entries(meta)
+    if not quants:
+        return None
+    bits = sorted({q["bits"] for q, _ in quants})
+    syms = sorted({"symmetric" if q["sym"] else "asymmetric" for q, _ in quants})
+    groups = sorted({"one group per output channel" if q["groupsize"] == k else f"groups of {q['groupsize']} input columns"
+                     for q, k in quants})
+    total = len(meta.get("pruned_weights") or {})
+    return (f"{' / '.join(f'{b}-bit' for b in bits)} integer weights ({', '.join(syms)}, {', '.join(groups)}; "
+            f"an fp16 scale and zero point per group) in {len(quants)} of {total} pruned matrices")
+
+
 def _tags(meta: dict) -> list[str]:
     recipe = meta.get("recipe") or {}
     pattern = recipe.get("pattern") or {}
@@ -178,6 +205,9 @@ def _tags(meta: dict) -> list[str]:
         tags.append(f"{pattern['n']}:{pattern['m']}")
     elif pattern.get("kind") == "unstructured":
         tags.append("unstructured-sparsity")
+    bits = sorted({q["bits"] for q, _ in _quant_entries(meta)})
+    if bits:
+        tags += ["quantized", *(f"int{b}" for b in bits)]
     if meta.get("format") == "llmprune-compressed":
         tags.append("llmprune-compressed")
     return tags
@@ -303,7 +333,8 @@ def _size_lines(meta: dict) -> list[str]:
         f"| pruned matrices, as stored here | {_fmt_bytes(stored)}{ratio} |",
         f"| all weight files | {_fmt_bytes(sizes.get('weight_files_bytes', 0))} |",
         "",
-        "Storage of the pruned matrices: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("2:4", "bitmap", "dense")) + ".",
+        "Storage of the pruned matrices: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("2:4", "bitmap", "dense"))
+        + (f"; {sizes['quantized_count']} of them quantized" if sizes.get("quantized_count") else "") + ".",
     ]
 
 
@@ -352,6 +383,9 @@ def _recipe_lines(meta: dict) -> list[str]:
         f"- calibration: {calib_text}",
         f"- measured sparsity of the pruned matrices: {(meta.get('results') or {}).get('sparsity', 0):.4f}",
     ]
+    quant = quant_summary(meta)
+    if quant:
+        lines.append(f"- quantization: {quant}")
     if per_layer:
         lines.append(f"- sparsity per decoder layer: {', '.join(per_layer)}")
     lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
@@ -377,14 +411,18 @@ def _load_lines(meta: dict, ref: str) -> list[str]:
         "### Without llmprune",
         "",
     ]
+    quantized = bool(_quant_entries(meta))
     if compressed:
         lines += [
             "This checkpoint stores its pruned matrices in llmprune's compressed format "
-            "(2:4 values + 2-bit metadata, or bitmap + nonzero values) in "
-            "`llmprune-compressed-*.safetensors`. `transformers` alone cannot load it: "
+            + ("(integer codes with fp16 scales and zero points per group, in the 2:4 layout with 2-bit metadata, "
+               "a bitmap of the nonzeros, or dense)" if quantized else
+               "(2:4 values + 2-bit metadata, or bitmap + nonzero values)")
+            + " in `llmprune-compressed-*.safetensors`. `transformers` alone cannot load it: "
             "`AutoModelForCausalLM.from_pretrained` stops with \"no file named model.safetensors\". "
             "Load it with llmprune installed, or decode the documented format "
-            "(llmprune `docs/checkpoint-format.md`, format version 1) yourself. To get a plain copy:",
+            f"(llmprune `docs/checkpoint-format.md`, format version {meta.get('format_version', 1)}) yourself. "
+            "To get a plain copy" + (" (the dequantized weights)" if quantized else "") + ":",
             "",
             "```python",
             f'llmprune.load("{ref}").save_pretrained("dense-copy")',
@@ -392,7 +430,9 @@ def _load_lines(meta: dict, ref: str) -> list[str]:
         ]
     else:
         lines += [
-            "The weights are a standard safetensors checkpoint with zeros in place:",
+            "The weights are a standard safetensors checkpoint with zeros in place"
+            + (" and the quantized matrices holding their dequantized values (fake quantization: "
+               "no memory is saved, the accuracy is that of the quantized model)" if quantized else "") + ":",
             "",
             "```python",
             "from transformers import AutoModelForCausalLM, AutoTokenizer",
@@ -410,7 +450,11 @@ def render_card(meta: dict, *, name: str, repo_id: str | None = None) -> str:
 
     recipe = meta.get("recipe") or {}
     base = meta.get("base_model") or {}
-    fmt = "compressed (llmprune format v1)" if meta.get("format") == "llmprune-compressed" else "dense (zeros in place)"
+    quant = quant_summary(meta)
+    if meta.get("format") == "llmprune-compressed":
+        fmt = f"compressed (llmprune format v{meta.get('format_version', 1)})"
+    else:
+        fmt = "dense (zeros in place" + (", quantized values stored dequantized)" if quant else ")")
     ref = repo_id or f"path/to/{name}"
     structured = meta.get("structured")
     intro = (f"{_base_name(base) or 'A causal language model'} made smaller by structured pruning "
@@ -420,7 +464,8 @@ def render_card(meta: dict, *, name: str, repo_id: str | None = None) -> str:
              + ("gradually during fine-tuning (gmp)" if recipe.get("method") == "gmp" and recipe.get("finetune")
                 else f"in one shot with {recipe.get('method', '?')}")
              + f" at pattern {_pattern_short(recipe.get('pattern'))} by "
-             f"llmprune {(meta.get('versions') or {}).get('llmprune', '')}. "
+             f"llmprune {(meta.get('versions') or {}).get('llmprune', '')}"
+             + (f", then quantized: {quant}" if quant else "") + ". "
              f"Weights: {fmt}.")
     body = [
         MARKER,

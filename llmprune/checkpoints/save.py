@@ -6,10 +6,17 @@ llmprune. ``compressed``: the same folder, but each pruned matrix is stored in t
 2:4 or bitmap layout (``llmprune.checkpoints.format``; spec in ``docs/checkpoint-format.md``).
 
 Both carry ``llmprune.json`` (format and version, recipe, results, per-layer report, the
-declared pattern and nonzero count of every pruned weight, sizes, library versions) and a
-generated ``README.md`` model card. Everything is first written to a temporary folder
-beside the target and renamed into place when complete, so an interrupted save never
-leaves a folder that looks like a whole checkpoint.
+declared pattern, nonzero count and quantization of every pruned weight, sizes, library
+versions) and a generated ``README.md`` model card.
+
+Quantized weights (``quant_grids``): the model holds their dequantized values. ``dense``
+writes those values (fake quantization: any transformers loads them, for evaluation
+anywhere) and describes the grid (bits, group size, symmetric) in ``llmprune.json``;
+``compressed`` stores integer codes with fp16 scales and zero points (format version 2).
+
+Everything is first written to a temporary folder beside the target and renamed into place
+when complete, so an interrupted save never leaves a folder that looks like a whole
+checkpoint.
 """
 
 from __future__ import annotations
@@ -20,11 +27,15 @@ import math
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llmprune.checkpoints import format as fmt
 from llmprune.checkpoints import safetensors_io as st
 from llmprune.checkpoints.files import atomic_dir
 from llmprune.errors import UsageError
+
+if TYPE_CHECKING:
+    from llmprune.solvers.quant import QuantGrid
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +141,7 @@ def save_checkpoint(
     overwrite: bool = False,
     max_shard_bytes: int | None = None,
     layer_files: tuple[str, Callable[[int], dict]] | None = None,
+    quant_grids: Mapping[str, QuantGrid] | None = None,
 ) -> Path:
     """Save a pruned model as a ``dense`` or ``compressed`` llmprune checkpoint folder.
 
@@ -142,6 +154,13 @@ def save_checkpoint(
     are on the meta device (``--offload disk``): layer i's tensors come from
     ``read_layer(i)`` (``WorkDir.read_layer``), one layer in memory at a time, and the dense
     format is written by :func:`write_dense_shards` instead of ``save_pretrained``.
+    ``quant_grids``: ``{parameter name: llmprune.solvers.quant.QuantGrid}`` for the pruned
+    weights that were quantized; each weight must already hold its dequantized values, on
+    the grid of its ``[out, in]`` matrix (for GPT-2 ``Conv1D``, whose parameter is
+    ``[in, out]``, the grid of the transpose). A grid that does not fit, or a value that is on
+    no point of its grid, raises UsageError naming the parameter, and nothing is left behind.
+    Any grid makes the checkpoint format version 2; without one it is version 1, as before
+    (``format.version_for``).
     """
     from llmprune.checkpoints import modelcard
     from llmprune.models.sources import prepare_for_save
@@ -149,6 +168,11 @@ def save_checkpoint(
     check_save_format(save_format)
     prepare_for_save(model)
     declared = pruned_parameters(model, metadata, pruned)
+    grids = dict(quant_grids or {})
+    unknown = sorted(set(grids) - set(declared))
+    if unknown:
+        raise UsageError(f"quantization grid given for {unknown[0]}, which is not a pruned weight of {type(model).__name__}")
+    version = fmt.version_for(bool(grids))
     state = None
     if layer_files is not None:
         tensors, tied = st.unique_state(model)
@@ -156,21 +180,23 @@ def save_checkpoint(
     with atomic_dir(target, overwrite) as tmp:
         if save_format == "dense" and state is not None:
             _save_config(model, tmp)
-            entries = write_dense_shards(state[0], tmp, declared, max_shard_bytes or fmt.DEFAULT_MAX_SHARD_BYTES)
+            entries = write_dense_shards(state[0], tmp, declared, max_shard_bytes or fmt.DEFAULT_MAX_SHARD_BYTES,
+                                         grids)
             stored = {name: math.prod(e["shape"]) * _itemsize(e["dtype"]) for name, e in entries.items()}
         elif save_format == "dense":
             kwargs = {} if max_shard_bytes is None else {"max_shard_size": max_shard_bytes}
-            model.save_pretrained(tmp, safe_serialization=True, **kwargs)
             params = model.state_dict()
             entries = {
-                name: fmt.make_entry(params[name], "dense", transposed, pattern)
+                name: dense_entry(params[name], transposed, pattern, grids.get(name), name, version)
                 for name, (transposed, pattern) in declared.items()
             }
+            model.save_pretrained(tmp, safe_serialization=True, **kwargs)
             stored = {name: params[name].numel() * params[name].element_size() for name in entries}
         else:
             _save_config(model, tmp)
             entries = fmt.write_shards(
-                model, tmp, declared, max_shard_bytes=max_shard_bytes or fmt.DEFAULT_MAX_SHARD_BYTES, state=state
+                model, tmp, declared, max_shard_bytes=max_shard_bytes or fmt.DEFAULT_MAX_SHARD_BYTES, state=state,
+                quant_grids=grids,
             )
             stored = _stored_bytes(tmp, entries)
         if tokenizer is not None:
@@ -181,7 +207,7 @@ def save_checkpoint(
         weight_files = sorted(p.name for p in tmp.glob("*.safetensors"))
         payload = {
             "format": fmt.FORMAT_DENSE if save_format == "dense" else fmt.FORMAT_COMPRESSED,
-            "format_version": fmt.FORMAT_VERSION,
+            "format_version": version,
             **metadata,
             "base_model": base_model or {},
             "pruned_weights": entries,
@@ -189,6 +215,7 @@ def save_checkpoint(
                 "pruned_dense_bytes": sum(dense_bytes.values()),
                 "pruned_stored_bytes": sum(stored.values()),
                 "storage_counts": {s: sum(e["storage"] == s for e in entries.values()) for s in fmt.STORAGES},
+                "quantized_count": sum(bool(e.get("quant")) for e in entries.values()),
                 "weight_files_bytes": sum((tmp / f).stat().st_size for f in weight_files),
             },
             "versions": library_versions(),
@@ -239,18 +266,41 @@ class StreamedState(Mapping):
         return self._cached[1][name]
 
 
-def write_dense_shards(state: Mapping, folder: Path, declared: dict, max_shard_bytes: int) -> dict[str, dict]:
+def dense_entry(param, transposed: bool, pattern: dict | None, grid, name: str, version: int) -> dict:
+    """The entry of a pruned weight stored densely; with a ``QuantGrid`` (``grid``), after
+    checking that every value of the ``[out, in]`` matrix lies on it (``codes_of``): the
+    ``quant`` description of a dense checkpoint is a claim about the values it holds."""
+    if grid is not None:
+        from llmprune.solvers.quant import codes_of
+
+        if param.dim() != 2:
+            raise UsageError(f"{name}: a fused experts parameter {list(param.shape)} cannot carry one quantization grid")
+        matrix = (param.t() if transposed else param).detach().to("cpu")
+        grid = fmt.cpu_grid(grid)
+        fmt.check_grid(matrix, grid, name)
+        try:
+            codes_of(matrix, grid)
+        except ValueError as error:
+            raise UsageError(f"{name}: {error}") from None
+    return fmt.make_entry(param, "dense", transposed, pattern, None if grid is None else fmt.quant_entry(grid), version)
+
+
+def write_dense_shards(state: Mapping, folder: Path, declared: dict, max_shard_bytes: int,
+                       quant_grids: Mapping | None = None) -> dict[str, dict]:
     """Write ``state`` as a standard Hugging Face safetensors checkpoint (``model.safetensors``,
     or ``model-0000i-of-0000N.safetensors`` shards of at most ``max_shard_bytes`` plus
     ``model.safetensors.index.json``), reading one tensor at a time. Returns the entry of every
-    ``declared`` pruned weight (``pruned_parameters``), stored densely."""
+    ``declared`` pruned weight (``pruned_parameters``), stored densely (quantized ones, in
+    ``quant_grids``, as their dequantized values: :func:`dense_entry`)."""
+    grids = quant_grids or {}
+    version = fmt.version_for(bool(grids))
     writer = st.ShardWriter(folder, max_shard_bytes)
     entries: dict[str, dict] = {}
     for name in state:
         tensor = state[name].detach().to("cpu").contiguous()
         if name in declared:
             transposed, pattern = declared[name]
-            entries[name] = fmt.make_entry(tensor, "dense", transposed, pattern)
+            entries[name] = dense_entry(tensor, transposed, pattern, grids.get(name), name, version)
         writer.add({name: tensor})
     weight_map = writer.finish(
         lambda index, count: "model.safetensors" if count == 1 else f"model-{index:05d}-of-{count:05d}.safetensors"
