@@ -24,7 +24,7 @@ from llmprune.checkpoints.save import check_save_format, library_versions, save_
 from llmprune.config import PruneConfig
 from llmprune.errors import UsageError, check_int
 from llmprune.evaluation import perplexity, zeroshot
-from llmprune.models.architecture import check_pattern_fits, find_decoder_layers
+from llmprune.models.architecture import check_pattern_fits, check_quantizable, find_decoder_layers
 from llmprune.oneshot.loop import LayerLoop, Stream
 from llmprune.oneshot.methods import Method, get_method, option_fields
 from llmprune.oneshot.reports import LayerReport
@@ -380,7 +380,9 @@ class _Run:
         self.model.eval()
         self.seconds["load"] = time.perf_counter() - start
         self.prefix, self.layers = find_decoder_layers(self.model)
-        check_pattern_fits(self.layers, self.pattern, self.config.exclude_patterns, self.config.quant)
+        check_pattern_fits(self.layers, self.pattern, self.config.exclude_patterns)
+        if self.config.quant is not None:
+            check_quantizable(self.layers, self.config.quant, self.config.exclude_patterns, self.config.save_format)
         self.seqlen = self.config.seqlen
         limit = model_max_length(self.model)
         if limit is not None and self.seqlen > limit:

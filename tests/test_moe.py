@@ -392,3 +392,18 @@ def test_transposed_experts_of_gpt_oss_get_their_routed_tokens_and_prune_along_i
     assert reports[0].left_dense == []
     down = layers[0].mlp.experts.down_proj[1]  # [in, out]: groups of 4 run along dim 0
     assert bool(((down.T != 0).reshape(down.shape[1], -1, 4).sum(-1) == 2).all())
+
+
+def test_wbits_refuses_fused_experts_before_any_work_and_quantizes_the_rest_when_excluded(tokenizer, fast):
+    from llmprune.errors import UsageError
+
+    model = build("mixtral", len(tokenizer))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UsageError, match=r"--wbits cannot quantize layer 0 mlp\.experts\.0\.gate_up_proj: .*"
+                                         r"add --exclude 'mlp\.experts\.\*'"):
+        llmprune.prune("tiny-mixtral", loaded_model=model, tokenizer=tokenizer, method="wanda", pattern="2:4",
+                       wbits=4, **fast)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing touched
+    result = llmprune.prune("tiny-mixtral", loaded_model=model, tokenizer=tokenizer, method="wanda", pattern="2:4",
+                            wbits=4, exclude="mlp.experts.*", **fast)
+    assert result.quant_grids and not any("experts" in name for name in result.quant_grids)

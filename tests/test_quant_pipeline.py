@@ -194,3 +194,13 @@ def test_quantized_checkpoint_loads_bitwise_in_memory_and_from_disk_offload(patt
     assert_same_weights(tmp_path / "memory", tmp_path / "disk")
     fp = 2 * sum(e["shape"][0] * e["shape"][1] for e in meta["pruned_weights"].values())
     assert meta["sizes"]["pruned_stored_bytes"] < fp / 3  # int4 codes + metadata + scales, far below fp16
+
+
+def test_exclude_with_wbits_and_compressed_is_refused_dense_is_allowed(tiny_llama_dir, texts, tmp_path, one_thread):
+    options = fast(texts, method="wanda", pattern="2:4", wbits=4, exclude="mlp.down_proj", eval="none")
+    with pytest.raises(UsageError, match=r"--exclude leaves layer 0 mlp\.down_proj dense, and --wbits quantizes only "
+                                         r"pruned matrices: .* use --save-format dense"):
+        llmprune.prune(str(tiny_llama_dir), save=str(tmp_path / "c"), save_format="compressed", **options)
+    assert not (tmp_path / "c").exists()
+    result = llmprune.prune(str(tiny_llama_dir), save=str(tmp_path / "d"), **options)
+    assert len(result.quant_grids) == 3 * 6 and not any("down_proj" in name for name in result.quant_grids)

@@ -201,22 +201,46 @@ def prunable_matrices(layer: nn.Module, exclude: tuple[str, ...] = ()) -> list[P
     return found
 
 
-def check_pattern_fits(layers: nn.ModuleList, pattern: Pattern, exclude: tuple[str, ...] = (), quant=None) -> None:
-    """Raise ``UsageError`` naming the first matrix whose input size M does not divide, or
-    (``quant``, a ``llmprune.solvers.quant.QuantConfig``) that its quantization group size
-    does not divide.
+def check_pattern_fits(layers: nn.ModuleList, pattern: Pattern, exclude: tuple[str, ...] = ()) -> None:
+    """Raise ``UsageError`` naming the first matrix whose input size M does not divide.
 
-    Run before any work starts so a bad pattern or group size never costs a calibration pass.
+    Run before any work starts so a bad pattern never costs a calibration pass.
     """
-    if not isinstance(pattern, NM) and quant is None:
+    if not isinstance(pattern, NM):
         return
     for index, layer in enumerate(layers):
         for matrix in prunable_matrices(layer, exclude):
-            if isinstance(pattern, NM) and matrix.in_features % pattern.m:
+            if matrix.in_features % pattern.m:
                 raise UsageError(
                     f"pattern {pattern} does not fit layer {index} {matrix.name}: its input size "
                     f"{matrix.in_features} is not a multiple of {pattern.m}"
                 )
-            if quant is not None:
-                quant.group_size_for(matrix.in_features, f"layer {index} {matrix.name}")
+
+
+def check_quantizable(layers: nn.ModuleList, quant, exclude: tuple[str, ...] = (), save_format: str = "dense") -> None:
+    """Raise ``UsageError`` naming the first matrix that ``quant`` (a
+    ``llmprune.solvers.quant.QuantConfig``) cannot quantize, before any work starts: its group
+    size does not divide the matrix's input size; the matrix is one expert of a fused 3-D
+    mixture-of-experts parameter (one grid per 2-D matrix: exclude the experts); or, with
+    ``save_format="compressed"``, ``exclude`` leaves a prunable matrix dense, which that
+    checkpoint would hold unquantized beside the quantized ones (quantization applies to exactly
+    the pruned matrices; the dense format is allowed: it stores values either way).
+    """
+    for index, layer in enumerate(layers):
+        pruned = {m.name for m in prunable_matrices(layer, exclude)}
+        for matrix in prunable_matrices(layer):
+            where = f"layer {index} {matrix.name}"
+            if matrix.name not in pruned:
+                if save_format == "compressed":
+                    raise UsageError(
+                        f"--exclude leaves {where} dense, and --wbits quantizes only pruned matrices: the compressed "
+                        "checkpoint would store it unquantized; drop it from --exclude or use --save-format dense"
+                    )
+                continue
+            if matrix.expert is not None:
+                raise UsageError(
+                    f"--wbits cannot quantize {where}: it is one expert of the fused parameter "
+                    f"{matrix.parameter_name} (one grid per 2-D matrix); add --exclude '{matrix.name.rsplit('.', 2)[0]}.*'"
+                )
+            quant.group_size_for(matrix.in_features, where)
 
