@@ -191,3 +191,49 @@ class ColumnMomentsStat(_InputStat):
         else:
             self._mean.zero_()
         self.n_samples, self.n_tokens = n_samples, n_tokens
+
+
+class HessianMomentsStat(HessianStat):
+    """The Hessian of the inputs bordered by a constant 1 feature, ``(2 / n_samples) sum
+    [x, 1]^T [x, 1]`` [in + 1, in + 1]: SparseGPT's Hessian in the first ``in`` rows and
+    columns, ``2 sum x_j / n_samples`` in the last row, ``2 n_tokens / n_samples`` in the corner.
+    One buffer (one all-reduce) for a run that needs both the Hessian and DSnoT's column sums
+    and variances (:meth:`split`); 2 * in + 1 more floats than the Hessian.
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
+        super().__init__(in_features, device)
+        self._mean = torch.zeros(in_features + 1, in_features + 1, dtype=torch.float32, device=self.device)
+
+    def _add(self, tokens: Tensor) -> None:
+        ones = torch.ones(tokens.shape[0], 1, dtype=tokens.dtype, device=tokens.device)
+        super()._add(torch.cat([tokens, ones], dim=1))  # (T, in + 1)
+
+    def value(self) -> Tensor:
+        """[in + 1, in + 1] fp32 on ``device``, symmetric (see the class). The live buffer: do
+        not modify it; :meth:`split` reads it."""
+        self._check_ready()
+        return self._mean
+
+    def load_sums(self, total: Tensor, n_samples: int, n_tokens: int) -> None:
+        """As :meth:`HessianStat.load_sums`, for the [in + 1, in + 1] bordered sums."""
+        self._check_sums(total, (self.in_features + 1, self.in_features + 1), n_samples, n_tokens)
+        self._mean = total.to(self.device)
+        if n_samples:
+            self._mean.mul_(2 / n_samples)
+        else:
+            self._mean.zero_()
+        self.n_samples, self.n_tokens = n_samples, n_tokens
+
+    @staticmethod
+    def split(value: Tensor) -> tuple[Tensor, Tensor]:
+        """``(hessian [in, in], moments [3, in])`` from :meth:`value`: the Hessian as a view (not
+        a copy), and ``ColumnMomentsStat.value()``'s rows (``sum x / n_samples``, ``sum x^2 /
+        n_samples``, token variance) as a new tensor."""
+        n = value.shape[0] - 1
+        hessian = value[:n, :n]
+        col_sum = value[n, :n] / 2
+        col_sq = hessian.diagonal() / 2
+        per_sample_tokens = float(value[n, n]) / 2  # n_tokens / n_samples
+        var = (col_sq / per_sample_tokens - (col_sum / per_sample_tokens).square()).clamp_min(0)
+        return hessian, torch.stack([col_sum, col_sq, var])
