@@ -6,7 +6,8 @@ solver's options are a frozen dataclass beside it (``SparseGPTConfig``, ``WandaC
 ``MagnitudeConfig``, ``QuantConfig``, and for the refinements of issue #14 ``ExactConfig``,
 ``DSnoTConfig``, ``RIAConfig``). ``exact_update``: reconstruction of the kept weights on a fixed
 mask (ADMM + CG); ``dsnot_refine``: DSnoT's prune-and-grow of a mask; ``ria_prune``: RIA's
-score. Quantization (``solvers.quant``): grids, round-to-nearest, GPTQ with a fixed mask (``gptq_quantize``); SparseGPT quantizes inside its sweep (``quant=``).
+score. Quantization (``solvers.quant``): grids, round-to-nearest, GPTQ with a fixed mask
+(``gptq_quantize``); SparseGPT quantizes inside its sweep (``quant=``).
 """
 
 from llmprune.solvers.dsnot import DSnoTConfig, dsnot_refine, expected_error

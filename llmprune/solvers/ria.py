@@ -30,7 +30,7 @@ class RIAConfig:
     """RIA's options (``--score ria``); the help texts are the CLI's. UsageError for bad values."""
 
     ria_alpha: float = field(default=0.5, metadata={
-        "help": "exponent a of the activation norm ||X_j||^a in RIA's score (--score ria)"})
+        "help": "exponent a of the activation norm (L2 norm of input j)^a in RIA's score (--score ria)"})
     ria_per_row: bool = field(default=False, metadata={
         "help": "--score ria compares scores per output row instead of over the whole matrix (unstructured)"})
 
