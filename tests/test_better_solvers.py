@@ -362,7 +362,7 @@ def test_ria_config_errors():
 # ---------------------------------------------------------------------------------------------
 # wiring: --update / --refine / --score through the one-shot pipeline (tiny Llama)
 
-from test_resilience import HF_ENV, fast, texts  # noqa: E402,F401 - texts is a fixture
+from test_resilience import HF_ENV, assert_same_weights, fast, texts  # noqa: E402,F401 - texts is a fixture
 
 
 def _run(tiny_llama_dir, texts, **extra):
@@ -441,3 +441,27 @@ def test_cli_update_exact_runs_and_bad_value_exits_2(tiny_llama_dir, texts, tmp_
     good = subprocess.run(base + ["--update", "exact", "--refine", "dsnot"], env=env, capture_output=True, text=True,
                           timeout=300)
     assert good.returncode == 0, good.stderr[-2000:]
+
+
+def test_refined_run_resumes_and_offloads_to_the_same_weights(tiny_llama_dir, texts, tmp_path, one_thread):
+    """Stopped after layer 0 (progress.json cut back), a --refine dsnot --update exact run resumes
+    to the weights of an uninterrupted one; --offload disk gives them too."""
+    import json
+
+    import llmprune
+    from llmprune.runtime.workdir import PROGRESS_FILE
+
+    options = fast(texts, method="wanda", pattern="2:4", refine="dsnot", update="exact", eval="none")
+    reference = llmprune.prune(str(tiny_llama_dir), **options)
+    work = tmp_path / "work"
+    llmprune.prune(str(tiny_llama_dir), work_dir=str(work), **options)
+    progress = json.loads((work / PROGRESS_FILE).read_text())
+    progress.update(completed_layers=1, layers=progress["layers"][:1], finished=False)
+    (work / PROGRESS_FILE).write_text(json.dumps(progress))
+    resumed = llmprune.prune(str(tiny_llama_dir), work_dir=str(work), resume=True, **options)
+    ref = dict(reference.model.state_dict())
+    for name, value in resumed.model.state_dict().items():
+        assert torch.equal(value, ref[name]), name
+    llmprune.prune(str(tiny_llama_dir), save=str(tmp_path / "memory"), **options)
+    llmprune.prune(str(tiny_llama_dir), save=str(tmp_path / "disk"), offload="disk", **options)
+    assert_same_weights(tmp_path / "memory", tmp_path / "disk")
