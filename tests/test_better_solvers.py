@@ -441,6 +441,7 @@ def test_cli_update_exact_runs_and_bad_value_exits_2(tiny_llama_dir, texts, tmp_
     good = subprocess.run(base + ["--update", "exact", "--refine", "dsnot"], env=env, capture_output=True, text=True,
                           timeout=300)
     assert good.returncode == 0, good.stderr[-2000:]
+    assert "method wanda, refine dsnot, update exact, pattern unstructured(0.5)" in good.stdout
 
 
 def test_refined_run_resumes_and_offloads_to_the_same_weights(tiny_llama_dir, texts, tmp_path, one_thread):

@@ -159,15 +159,17 @@ def exact_update(
     weight: [out, in] the *dense* weights, any float dtype and device; not modified. They are
         the target: entries outside ``keep`` matter.
     hessian: [in, in] ``(2 / n) sum X^T X`` (``HessianStat.value()``; not modified), or its
-        :class:`ExactFactor` from :func:`exact_factor` (then ``config`` other than
-        ``exact_iters`` is not used), so matrices sharing an input share one factorisation.
+        :class:`ExactFactor` from :func:`exact_factor` (then only ``exact_iters`` and
+        ``exact_cg_iters`` of ``config`` are used), so matrices sharing an input share one
+        factorisation.
     keep: [out, in] bool, ``True`` = keep; the result's mask, unchanged.
     init: [out, in], where ADMM starts (e.g. SparseGPT's updated weights); entries outside
         ``keep`` are taken as 0. Default: ``weight`` masked (Wanda's / magnitude's result).
     Returns SolveResult(weight: input dtype, exactly 0 outside ``keep`` and on dead inputs;
     mask: ``keep``; error: the undamped objective ``1/2 sum_rows (w0 - w)^T H (w0 - w)`` of the
     result (float64 sum); error_before: the same for the start). ``error <= error_before``
-    always (see the module docstring). ``exact_iters = 0`` returns the start.
+    always (see the module docstring). With ``exact_iters = 0`` only CG runs; with both
+    iteration counts 0 the start is returned.
     """
     if not isinstance(config, ExactConfig):
         raise TypeError(f"config must be an ExactConfig, got {config!r}")
