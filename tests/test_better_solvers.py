@@ -466,3 +466,27 @@ def test_refined_run_resumes_and_offloads_to_the_same_weights(tiny_llama_dir, te
     llmprune.prune(str(tiny_llama_dir), save=str(tmp_path / "memory"), **options)
     llmprune.prune(str(tiny_llama_dir), save=str(tmp_path / "disk"), offload="disk", **options)
     assert_same_weights(tmp_path / "memory", tmp_path / "disk")
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 10), groups=st.integers(1, 5), seed=st.integers(0, 10_000),
+       pattern=st.sampled_from([Unstructured(0.0), Unstructured(0.3), Unstructured(0.5), Unstructured(0.9),
+                                NM(2, 4), NM(1, 4), NM(4, 8)]),
+       per_row=st.booleans(), ties=st.booleans())
+def test_ria_masks_have_the_exact_pattern_and_sparsity(rows, groups, seed, pattern, per_row, ties):
+    cols = 8 * groups
+    gen = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=gen)
+    if ties:  # a 4-bit grid, as dequantized GGUF weights: many exact ties
+        W = (W * 4).round() / 4
+    norms = torch.rand(cols, generator=gen) * 3
+    res = ria_prune(W, norms, pattern, RIAConfig(ria_per_row=per_row))
+    keep = res.mask
+    if isinstance(pattern, NM):
+        assert bool((keep.reshape(rows, -1, pattern.m).sum(-1) == pattern.n).all())
+    elif per_row:
+        assert bool((keep.sum(1) == cols - int(cols * pattern.sparsity)).all())
+    else:
+        assert int(keep.sum()) == rows * cols - int(rows * cols * pattern.sparsity)
+    assert torch.equal(res.weight, W.masked_fill(~keep, 0))
+    assert torch.equal(ria_prune(W, norms, pattern, RIAConfig(ria_per_row=per_row)).mask, keep)  # deterministic
