@@ -12,7 +12,10 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from llmprune.evaluation.zeroshot import option_field as zeroshot_field
+from llmprune.solvers.dsnot import DSnoTConfig
+from llmprune.solvers.exact import ExactConfig
 from llmprune.solvers.quant import QuantConfig
+from llmprune.solvers.ria import RIAConfig
 
 
 def _opt(default, help: str, **extra):
@@ -21,7 +24,12 @@ def _opt(default, help: str, **extra):
 
 def _quant_field(name: str):
     """A field of :class:`QuantConfig` (default and help) as a PruneConfig field."""
-    (f,) = [f for f in dataclasses.fields(QuantConfig) if f.name == name]
+    return _solver_field(QuantConfig, name)
+
+
+def _solver_field(config: type, name: str):
+    """A field of a solver's config (default and help) as a PruneConfig field."""
+    (f,) = [f for f in dataclasses.fields(config) if f.name == name]
     return _opt(f.default, f.metadata["help"])
 
 
@@ -78,6 +86,21 @@ class PruneConfig:
     wbits: int | None = _quant_field("wbits")
     groupsize: int = _quant_field("groupsize")
     sym: bool = _quant_field("sym")
+    # Refinements around the method (llmprune.oneshot.refine): mask (score, refine) -> update -> quantize.
+    update: str = _opt("none", "weight update on the final mask: none, or exact (kept weights re-fitted to the "
+                       "dense layer's outputs: ADMM + conjugate gradients on the Hessian)")
+    refine: str = _opt("none", "mask refinement before any update: none, or dsnot (DSnoT prune-and-grow, no weight update)")
+    score: str = _opt("default", "mask score: default (the method's own), or ria (RIA's relative importance; wanda only)")
+    exact_iters: int = _solver_field(ExactConfig, "exact_iters")
+    exact_rho: float = _solver_field(ExactConfig, "exact_rho")
+    exact_cg_iters: int = _solver_field(ExactConfig, "exact_cg_iters")
+    exact_damp: float = _solver_field(ExactConfig, "exact_damp")
+    dsnot_cycles: int = _solver_field(DSnoTConfig, "dsnot_cycles")
+    dsnot_threshold: float = _solver_field(DSnoTConfig, "dsnot_threshold")
+    dsnot_var_power: float = _solver_field(DSnoTConfig, "dsnot_var_power")
+    dsnot_same_sign: bool = _solver_field(DSnoTConfig, "dsnot_same_sign")
+    ria_alpha: float = _solver_field(RIAConfig, "ria_alpha")
+    ria_per_row: bool = _solver_field(RIAConfig, "ria_per_row")
     trust_remote_code: bool = _opt(False, "allow model code from the Hub (off by default)")
     revision: str | None = _opt(None, "Hub revision (branch, tag or commit) of --model")
     progress: bool = _opt(True, "show progress bars")
@@ -99,6 +122,17 @@ class PruneConfig:
         """The quantization options, or None without ``--wbits``. UsageError for bad values."""
         quant = QuantConfig(self.wbits, self.groupsize, self.sym)
         return quant if quant.enabled else None
+
+    @property
+    def refinements(self):
+        """The ``llmprune.oneshot.refine.Refinements`` of ``--update / --refine / --score`` and
+        their solvers' options. UsageError for bad values."""
+        from llmprune.oneshot.refine import Refinements
+
+        def pick(config: type):
+            return config(**{f.name: getattr(self, f.name) for f in dataclasses.fields(config)})
+
+        return Refinements(self.update, self.refine, self.score, pick(ExactConfig), pick(DSnoTConfig), pick(RIAConfig))
 
     @property
     def exclude_patterns(self) -> tuple[str, ...]:

@@ -26,6 +26,7 @@ from llmprune.errors import UsageError, check_int
 from llmprune.evaluation import perplexity, zeroshot
 from llmprune.models.architecture import check_pattern_fits, check_quantizable, find_decoder_layers
 from llmprune.oneshot.loop import LayerLoop, Stream
+from llmprune.oneshot import refine
 from llmprune.oneshot.methods import Method, get_method, option_fields
 from llmprune.oneshot.reports import LayerReport
 from llmprune.patterns import Pattern, parse_pattern, pattern_to_dict
@@ -85,6 +86,7 @@ class PruneResult:
                 },
                 "config": self.config.to_dict(),
                 "quant": None if self.config.quant is None else self.config.quant.describe(),
+                "refinements": refine.describe(self.config.refinements),
             },
             "results": {
                 "sparsity": self.sparsity,
@@ -138,6 +140,19 @@ def prune(
     wbits: int | None = None,
     groupsize: int = -1,
     sym: bool = False,
+    update: str = "none",
+    refine: str = "none",
+    score: str = "default",
+    exact_iters: int = 20,
+    exact_rho: float = 1.0,
+    exact_cg_iters: int = 20,
+    exact_damp: float = 0.01,
+    dsnot_cycles: int = 50,
+    dsnot_threshold: float = 0.1,
+    dsnot_var_power: float = 1.0,
+    dsnot_same_sign: bool = False,
+    ria_alpha: float = 0.5,
+    ria_per_row: bool = False,
     trust_remote_code: bool = False,
     revision: str | None = None,
     progress: bool = True,
@@ -196,6 +211,7 @@ def _validate(config: PruneConfig) -> Pattern:
     except ValueError as error:
         raise UsageError(str(error)) from None
     config.quant  # noqa: B018 - raises UsageError for a bad --wbits / --groupsize
+    config.refinements.check_method(config.method)  # UsageError for a bad --update / --refine / --score
     for name in ("nsamples", "seqlen", "eval_seqlen", "max_eval_tokens"):
         check_int("--" + name.replace("_", "-"), getattr(config, name), optional=name.startswith(("eval", "max")))
     if config.save is not None:
@@ -391,12 +407,19 @@ class _Run:
         self.eval_seqlen = min(self.config.eval_seqlen or self.seqlen, limit or 1 << 62)
         self.add_bos = data.needs_bos(self.tokenizer)
 
+    def loop_statistic(self) -> type | None:
+        """The statistic the layer loop accumulates (None: a data-free run)."""
+        refinements = self.config.refinements
+        if refinements.active:
+            return refinements.statistic_for(self.method, self.config.quant)
+        return self.method.statistic_for(self.config.quant)
+
     def read_data(self) -> torch.Tensor | None:
         """Calibration windows (this rank's share) and evaluation token streams (rank 0)."""
         config = self.config
         start = time.perf_counter()
         calibration = None
-        if self.method.needs_data_for(config.quant):
+        if self.loop_statistic() is not None:
             calibration = data.get_calibration(config.dataset, self.tokenizer, nsamples=config.nsamples,
                                                seqlen=self.seqlen, seed=config.seed, add_bos=self.add_bos)
         self.eval_tokens = {s: data.get_eval_tokens(s, self.tokenizer, seqlen=self.eval_seqlen)
@@ -423,7 +446,7 @@ class _Run:
             true_sequential=self.config.true_sequential, output_errors=self.config.output_errors,
             streams=self.streams, start=first_layer,
             on_layer_done=self.layer_done, show_progress=self.config.progress and self.group.is_main, group=self.group,
-            quant=self.config.quant,
+            quant=self.config.quant, refinements=self.config.refinements,
         )
         self.loop = loop
         if self.work is not None and self.group.is_main and self.config.quant is not None:

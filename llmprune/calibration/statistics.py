@@ -144,3 +144,96 @@ class ColumnNormStat(_InputStat):
         else:
             self._mean.zero_()
         self.n_samples, self.n_tokens = n_samples, n_tokens
+
+
+class ColumnMomentsStat(_InputStat):
+    """DSnoT's statistics (zyxxmu/DSnoT ``WrappedGPT``): per input feature, the sum over tokens
+    and the sum of squares, each / n_samples (``sum_metric_row`` and Wanda's ``scaler_row``),
+    and from them the variance over tokens.
+
+    Kept as two running means in the references' form, [2, in] fp32; the token variance is
+    ``E[x^2] - E[x]^2`` from those sums (clamped at 0), not the reference's running merge of
+    per-batch variances: the same value up to fp32 rounding, and sums add across processes.
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
+        super().__init__(in_features, device)
+        self._mean = torch.zeros(2, in_features, dtype=torch.float32, device=self.device)
+
+    def _add(self, tokens: Tensor) -> None:
+        self._mean[0] += tokens.sum(dim=0) / self.n_samples
+        self._mean[1] += tokens.square().sum(dim=0) / self.n_samples
+
+    def value(self) -> Tensor:
+        """[3, in] fp32 on ``device``, a new tensor: row 0 ``sum_tokens x_j / n_samples``, row 1
+        ``sum_tokens x_j^2 / n_samples`` (``ColumnNormStat``'s value), row 2 the variance of
+        ``x_j`` over all tokens (population, >= 0)."""
+        self._check_ready()
+        per_token = self._mean * (self.n_samples / self.n_tokens)  # (2, in): E[x], E[x^2]
+        var = (per_token[1] - per_token[0].square()).clamp_min_(0)
+        return torch.cat([self._mean, var.unsqueeze(0)])
+
+    def to_sums(self) -> tuple[Tensor, int, int]:
+        """The statistic as quantities that add over disjoint sets of samples (one per rank):
+        ``([sum x_j, sum x_j^2] [2, in] fp32 on device, n_samples, n_tokens)``. The tensor is a
+        new one (the running means * n_samples); all zeros when nothing was accumulated."""
+        return self._mean * self.n_samples, self.n_samples, self.n_tokens
+
+    def load_sums(self, total: Tensor, n_samples: int, n_tokens: int) -> None:
+        """Become the statistic whose :meth:`to_sums` is ``(total, n_samples, n_tokens)``: the
+        sums over every rank's samples after an all-reduce. ``total`` [2, in] fp32 is taken over
+        as the new buffer, moved to ``device`` and divided in place by ``n_samples``; with
+        ``n_samples == 0`` the stat is left empty (``value()`` raises)."""
+        self._check_sums(total, (2, self.in_features), n_samples, n_tokens)
+        self._mean = total.to(self.device)
+        if n_samples:
+            self._mean.div_(n_samples)
+        else:
+            self._mean.zero_()
+        self.n_samples, self.n_tokens = n_samples, n_tokens
+
+
+class HessianMomentsStat(HessianStat):
+    """The Hessian of the inputs bordered by a constant 1 feature, ``(2 / n_samples) sum
+    [x, 1]^T [x, 1]`` [in + 1, in + 1]: SparseGPT's Hessian in the first ``in`` rows and
+    columns, ``2 sum x_j / n_samples`` in the last row, ``2 n_tokens / n_samples`` in the corner.
+    One buffer (one all-reduce) for a run that needs both the Hessian and DSnoT's column sums
+    and variances (:meth:`split`); 2 * in + 1 more floats than the Hessian.
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
+        super().__init__(in_features, device)
+        self._mean = torch.zeros(in_features + 1, in_features + 1, dtype=torch.float32, device=self.device)
+
+    def _add(self, tokens: Tensor) -> None:
+        ones = torch.ones(tokens.shape[0], 1, dtype=tokens.dtype, device=tokens.device)
+        super()._add(torch.cat([tokens, ones], dim=1))  # (T, in + 1)
+
+    def value(self) -> Tensor:
+        """[in + 1, in + 1] fp32 on ``device``, symmetric (see the class). The live buffer: do
+        not modify it; :meth:`split` reads it."""
+        self._check_ready()
+        return self._mean
+
+    def load_sums(self, total: Tensor, n_samples: int, n_tokens: int) -> None:
+        """As :meth:`HessianStat.load_sums`, for the [in + 1, in + 1] bordered sums."""
+        self._check_sums(total, (self.in_features + 1, self.in_features + 1), n_samples, n_tokens)
+        self._mean = total.to(self.device)
+        if n_samples:
+            self._mean.mul_(2 / n_samples)
+        else:
+            self._mean.zero_()
+        self.n_samples, self.n_tokens = n_samples, n_tokens
+
+    @staticmethod
+    def split(value: Tensor) -> tuple[Tensor, Tensor]:
+        """``(hessian [in, in], moments [3, in])`` from :meth:`value`: the Hessian as a view (not
+        a copy), and ``ColumnMomentsStat.value()``'s rows (``sum x / n_samples``, ``sum x^2 /
+        n_samples``, token variance) as a new tensor."""
+        n = value.shape[0] - 1
+        hessian = value[:n, :n]
+        col_sum = value[n, :n] / 2
+        col_sq = hessian.diagonal() / 2
+        per_sample_tokens = float(value[n, n]) / 2  # n_tokens / n_samples
+        var = (col_sq / per_sample_tokens - (col_sum / per_sample_tokens).square()).clamp_min(0)
+        return hessian, torch.stack([col_sum, col_sq, var])

@@ -47,7 +47,11 @@ def _format_table(result) -> str:
     quant = result.config.quant
     grid = "" if quant is None else (f", int{quant.wbits} " + ("per channel" if quant.groupsize == -1 else f"g{quant.groupsize}")
                                      + (" sym" if quant.sym else " asym"))
-    lines.append(f"method {result.config.method}, pattern {result.pattern}{grid}, measured sparsity {result.sparsity:.4f}")
+    ref = result.config.refinements
+    extra = "".join(f", {flag} {value}" for flag, value, default in (
+        ("score", ref.score, "default"), ("refine", ref.refine, "none"), ("update", ref.update, "none")) if value != default)
+    lines.append(f"method {result.config.method}{extra}, pattern {result.pattern}{grid}, "
+                 f"measured sparsity {result.sparsity:.4f}")
     lines.append("time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))
     return "\n".join(lines)
 

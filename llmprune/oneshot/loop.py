@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from llmprune.calibration.capture import CapturedCalls, LayerCall
 from llmprune.calibration.collector import StatisticsCollector, StatisticsComplete
 from llmprune.models.architecture import PrunableMatrix, prunable_matrices
+from llmprune.oneshot import refine
 from llmprune.oneshot.methods import Method
 from llmprune.oneshot.reports import LayerReport, MatrixReport
 from llmprune.patterns import Pattern
@@ -75,6 +76,9 @@ class LayerLoop:
         statistic is then the Hessian for every method and each matrix is solved by
         ``Method.solve_quantized``; the grids land in :attr:`quant_grids` (rank 0 only),
         keyed ``(layer index, matrix name)``, for the checkpoint writer.
+    refinements: ``llmprune.oneshot.refine.Refinements`` (``--score / --refine / --update``);
+        when active, the statistic, its preparation and each matrix's solve come from
+        ``llmprune.oneshot.refine`` (mask -> refine -> exact update -> quantize).
     """
 
     layers: nn.ModuleList
@@ -92,6 +96,7 @@ class LayerLoop:
     group: object | None = None
     output_errors: bool = False
     quant: object | None = None
+    refinements: object | None = None
 
     def __post_init__(self) -> None:
         from llmprune.runtime.layers import MemoryLayers
@@ -144,6 +149,17 @@ class LayerLoop:
         return reports
 
     @property
+    def _refined(self) -> bool:
+        return self.refinements is not None and self.refinements.active
+
+    @property
+    def _statistic(self) -> type | None:
+        """The statistic class accumulated per input (``llmprune.oneshot.refine`` with refinements)."""
+        if self._refined:
+            return self.refinements.statistic_for(self.method, self.quant)
+        return self.method.statistic_for(self.quant)
+
+    @property
     def _is_main(self) -> bool:
         return self.group is None or self.group.is_main
 
@@ -184,7 +200,7 @@ class LayerLoop:
     def _prune_from_data(self, layer, index: int, calls: list[LayerCall], hidden, report: LayerReport) -> None:
         """Statistics pass(es), solve and propagation of one decoder layer."""
         matrices = prunable_matrices(layer, self.exclude)
-        collector = StatisticsCollector(matrices, self.method.statistic_for(self.quant),
+        collector = StatisticsCollector(matrices, self._statistic,
                                         stop_early=not self.output_errors)
         dense_out = hidden.spare() if self.output_errors else None
         step = 0
@@ -228,7 +244,11 @@ class LayerLoop:
             prepared = None
             if self._is_main:  # only rank 0 solves
                 try:
-                    prepared = self.method.prepared(statistic, self.config, self.device, self.quant)
+                    if self._refined:
+                        prepared = refine.prepare(self.refinements, self.method, statistic, self.config,
+                                                  self.device, self.quant)
+                    else:
+                        prepared = self.method.prepared(statistic, self.config, self.device, self.quant)
                 except (ValueError, RuntimeError) as error:
                     names = ", ".join(m.name for m in members)
                     raise type(error)(f"layer {index} {names}: {error}") from error
@@ -275,7 +295,13 @@ class LayerLoop:
         weight = matrix.read_weight()
         error = quant_error = None
         if self._is_main:
-            if self.quant is None:
+            if self._refined:
+                result = refine.solve(self.refinements, self.method, weight, prepared, self.pattern, self.config,
+                                      self.quant, where=f"layer {layer_index} {matrix.name}")
+                if self.quant is not None:
+                    self.quant_grids[(layer_index, matrix.name)] = result.quant
+                    quant_error = result.quant_error
+            elif self.quant is None:
                 result = self.method.solve(weight, prepared, self.pattern, self.config)
             else:
                 result = self.method.solve_quantized(weight, prepared, self.pattern, self.config, self.quant,
@@ -322,7 +348,7 @@ class LayerLoop:
         keyed = {",".join(m.name for m in collector.groups[g]): collector.take_statistic(g) for g in to_solve}
         device = next(iter(keyed.values())).device if keyed else torch.device("cpu")
         merged = self.group.reduce_statistics(
-            keyed, lambda key: self.method.statistic(by_name[key.split(",")[0]].in_features, device)
+            keyed, lambda key: self._statistic(by_name[key.split(",")[0]].in_features, device)
         )
         for key in list(merged):
             yield [by_name[name] for name in key.split(",")], merged.pop(key)

@@ -3,10 +3,15 @@
 No modules, hooks, devices or progress bars here; ``llmprune.oneshot`` owns those and binds
 each solver to its statistic (``llmprune.oneshot.methods``). Masks: ``True`` = keep. Each
 solver's options are a frozen dataclass beside it (``SparseGPTConfig``, ``WandaConfig``,
-``MagnitudeConfig``, ``QuantConfig``). Quantization (``solvers.quant``): grids, round-to-nearest,
-GPTQ with a fixed mask (``gptq_quantize``); SparseGPT quantizes inside its sweep (``quant=``).
+``MagnitudeConfig``, ``QuantConfig``, and for the refinements of issue #14 ``ExactConfig``,
+``DSnoTConfig``, ``RIAConfig``). ``exact_update``: reconstruction of the kept weights on a fixed
+mask (ADMM + CG); ``dsnot_refine``: DSnoT's prune-and-grow of a mask; ``ria_prune``: RIA's
+score. Quantization (``solvers.quant``): grids, round-to-nearest, GPTQ with a fixed mask
+(``gptq_quantize``); SparseGPT quantizes inside its sweep (``quant=``).
 """
 
+from llmprune.solvers.dsnot import DSnoTConfig, dsnot_refine, expected_error
+from llmprune.solvers.exact import ExactConfig, ExactFactor, exact_factor, exact_update, reconstruction_error
 from llmprune.solvers.magnitude import MagnitudeConfig, magnitude_prune
 from llmprune.solvers.masks import SolveResult, keep_mask_nm, keep_mask_unstructured
 from llmprune.solvers.quant import (
@@ -20,9 +25,14 @@ from llmprune.solvers.quant import (
 )
 from llmprune.solvers.sparsegpt import InverseHessian, SparseGPTConfig, inverse_hessian, sparsegpt_prune
 from llmprune.solvers.gptq import gptq_quantize
+from llmprune.solvers.ria import RIAConfig, ria_prune, ria_score
 from llmprune.solvers.wanda import WandaConfig, wanda_prune
 
 __all__ = [
+    "DSnoTConfig",
+    "ExactConfig",
+    "ExactFactor",
+    "RIAConfig",
     "InverseHessian",
     "MagnitudeConfig",
     "QuantConfig",
@@ -32,12 +42,19 @@ __all__ = [
     "WandaConfig",
     "codes_of",
     "dequantize",
+    "dsnot_refine",
+    "exact_factor",
+    "exact_update",
+    "expected_error",
     "fit_grid",
     "gptq_quantize",
     "inverse_hessian",
     "keep_mask_nm",
     "keep_mask_unstructured",
     "magnitude_prune",
+    "reconstruction_error",
+    "ria_prune",
+    "ria_score",
     "round_to_nearest",
     "rtn_grid",
     "sparsegpt_prune",

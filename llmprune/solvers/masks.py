@@ -35,6 +35,8 @@ class SolveResult:
         else ``None``.
     quant_error: with ``quant``: the quantization's own loss estimate (GPTQ: summed
         ``(w - q)^2 / [H^-1]_jj / 2`` over the kept weights), else ``None``.
+    error_before: for a solver that improves a given start (the exact update, DSnoT): its
+        own objective at the start, in the units of ``error``; else ``None``.
     """
 
     weight: Tensor
@@ -42,6 +44,7 @@ class SolveResult:
     error: float | None = None
     quant: object | None = None
     quant_error: float | None = None
+    error_before: float | None = None
 
 
 def keep_mask_unstructured(score: Tensor, sparsity: float, dim: int | None = None) -> Tensor:
