@@ -6,7 +6,7 @@ solver's options are a frozen dataclass beside it (``SparseGPTConfig``, ``WandaC
 ``MagnitudeConfig``, ``QuantConfig``, and for the refinements of issue #14 ``ExactConfig``,
 ``DSnoTConfig``, ``RIAConfig``). ``exact_update``: reconstruction of the kept weights on a fixed
 mask (ADMM + CG); ``dsnot_refine``: DSnoT's prune-and-grow of a mask; ``ria_prune``: RIA's
-score. Quantization (``solvers.quant``): grids, round-to-nearest, GPTQ with a fixed mask
+score; ``owl_sparsities``: OWL's per-layer ratios (``solvers.owl``). Quantization (``solvers.quant``): grids, round-to-nearest, GPTQ with a fixed mask
 (``gptq_quantize``); SparseGPT quantizes inside its sweep (``quant=``).
 """
 
@@ -25,6 +25,7 @@ from llmprune.solvers.quant import (
 )
 from llmprune.solvers.sparsegpt import InverseHessian, SparseGPTConfig, inverse_hessian, sparsegpt_prune
 from llmprune.solvers.gptq import gptq_quantize
+from llmprune.solvers.owl import OwlConfig, owl_sparsities
 from llmprune.solvers.ria import RIAConfig, ria_prune, ria_score
 from llmprune.solvers.wanda import WandaConfig, wanda_prune
 
@@ -35,6 +36,7 @@ __all__ = [
     "RIAConfig",
     "InverseHessian",
     "MagnitudeConfig",
+    "OwlConfig",
     "QuantConfig",
     "QuantGrid",
     "SolveResult",
@@ -52,6 +54,7 @@ __all__ = [
     "keep_mask_nm",
     "keep_mask_unstructured",
     "magnitude_prune",
+    "owl_sparsities",
     "reconstruction_error",
     "ria_prune",
     "ria_score",
