@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from llmprune.evaluation.zeroshot import option_field as zeroshot_field
 from llmprune.solvers.dsnot import DSnoTConfig
 from llmprune.solvers.exact import ExactConfig
+from llmprune.solvers.owl import OwlConfig
 from llmprune.solvers.quant import QuantConfig
 from llmprune.solvers.ria import RIAConfig
 
@@ -101,6 +102,10 @@ class PruneConfig:
     dsnot_same_sign: bool = _solver_field(DSnoTConfig, "dsnot_same_sign")
     ria_alpha: float = _solver_field(RIAConfig, "ria_alpha")
     ria_per_row: bool = _solver_field(RIAConfig, "ria_per_row")
+    # Per-layer sparsities (llmprune.solvers.owl): OWL's outlier-weighted ratios, total unchanged.
+    layer_ratios: str = _solver_field(OwlConfig, "layer_ratios")
+    owl_m: float = _solver_field(OwlConfig, "owl_m")
+    owl_lambda: float = _solver_field(OwlConfig, "owl_lambda")
     trust_remote_code: bool = _opt(False, "allow model code from the Hub (off by default)")
     revision: str | None = _opt(None, "Hub revision (branch, tag or commit) of --model")
     progress: bool = _opt(True, "show progress bars")
@@ -133,6 +138,11 @@ class PruneConfig:
             return config(**{f.name: getattr(self, f.name) for f in dataclasses.fields(config)})
 
         return Refinements(self.update, self.refine, self.score, pick(ExactConfig), pick(DSnoTConfig), pick(RIAConfig))
+
+    @property
+    def owl(self) -> OwlConfig:
+        """``--layer-ratios / --owl-m / --owl-lambda``. UsageError for bad values."""
+        return OwlConfig(self.layer_ratios, self.owl_m, self.owl_lambda)
 
     @property
     def exclude_patterns(self) -> tuple[str, ...]:

@@ -8,6 +8,7 @@ options (``llmprune.oneshot.methods``). Where the model lives is chosen once
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -29,11 +30,12 @@ from llmprune.oneshot.loop import LayerLoop, Stream
 from llmprune.oneshot import refine
 from llmprune.oneshot.methods import Method, get_method, option_fields
 from llmprune.oneshot.reports import LayerReport
-from llmprune.patterns import Pattern, parse_pattern, pattern_to_dict
+from llmprune.patterns import Pattern, Unstructured, parse_pattern, pattern_to_dict
 from llmprune.runtime import devices, distributed
 from llmprune.runtime.activations import OFFLOAD_ACTIVATIONS, HiddenStates
 from llmprune.runtime.layers import OFFLOAD_WEIGHTS, DiskLayers, MemoryLayers
 from llmprune.runtime.workdir import WorkDir, fingerprint
+from llmprune.solvers.owl import allocate, comparison_groups, owl_sparsities
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +63,9 @@ class PruneResult:
     # with --wbits: {parameter name: llmprune.solvers.quant.QuantGrid} of every quantized matrix (rank 0);
     # save_checkpoint(..., quant_grids=result.quant_grids) stores them packed
     quant_grids: dict = field(default_factory=dict)
+    # --layer-ratios owl: each decoder layer's outlier ratio D_l on the dense model (None when
+    # not measured: uniform, or a resumed run whose layers were all done)
+    outlier_ratios: list[float] | None = None
 
     @property
     def sparsity(self) -> float:
@@ -87,6 +92,10 @@ class PruneResult:
                 "config": self.config.to_dict(),
                 "quant": None if self.config.quant is None else self.config.quant.describe(),
                 "refinements": refine.describe(self.config.refinements),
+                "layer_ratios": dataclasses.asdict(self.config.owl),
+                # realised fraction of zeros per decoder layer (--layer-ratios owl), else None
+                "layer_sparsity": ([layer.sparsity for layer in self.layers] if self.config.owl.active else None),
+                "outlier_ratios": self.outlier_ratios,
             },
             "results": {
                 "sparsity": self.sparsity,
@@ -153,6 +162,9 @@ def prune(
     dsnot_same_sign: bool = False,
     ria_alpha: float = 0.5,
     ria_per_row: bool = False,
+    layer_ratios: str = "uniform",
+    owl_m: float = 5.0,
+    owl_lambda: float = 0.08,
     trust_remote_code: bool = False,
     revision: str | None = None,
     progress: bool = True,
@@ -212,6 +224,9 @@ def _validate(config: PruneConfig) -> Pattern:
         raise UsageError(str(error)) from None
     config.quant  # noqa: B018 - raises UsageError for a bad --wbits / --groupsize
     config.refinements.check_method(config.method)  # UsageError for a bad --update / --refine / --score
+    if config.owl.active and not isinstance(pattern, Unstructured):  # UsageError for bad --owl-* values first
+        raise UsageError(f"--layer-ratios owl needs --pattern unstructured, got {pattern}: N:M fixes every "
+                         "layer's sparsity; use --layer-ratios uniform")
     for name in ("nsamples", "seqlen", "eval_seqlen", "max_eval_tokens"):
         check_int("--" + name.replace("_", "-"), getattr(config, name), optional=name.startswith(("eval", "max")))
     if config.save is not None:
@@ -362,6 +377,7 @@ class _Run:
         self.seconds: dict[str, float] = {}
         self.stores: list[HiddenStates] = []
         self.work: WorkDir | None = None
+        self.targets: list[float] | None = None  # --layer-ratios owl: OWL's s_l per layer
 
     def execute(self) -> PruneResult:
         self.load()
@@ -419,7 +435,7 @@ class _Run:
         config = self.config
         start = time.perf_counter()
         calibration = None
-        if self.loop_statistic() is not None:
+        if self.loop_statistic() is not None or config.owl.active:  # OWL's outlier pass needs data, even for magnitude
             calibration = data.get_calibration(config.dataset, self.tokenizer, nsamples=config.nsamples,
                                                seqlen=self.seqlen, seed=config.seed, add_bos=self.add_bos)
         self.eval_tokens = {s: data.get_eval_tokens(s, self.tokenizer, seqlen=self.eval_seqlen)
@@ -459,8 +475,14 @@ class _Run:
                 captured = capture_layer_calls(self.model, self.layers, calibration, self.device,
                                                show_progress=self.config.progress)
             self.seconds["capture"] = time.perf_counter() - start
+            dense_copy = self.store([h.clone() for h in captured.hidden]) if self.config.owl.active else None
             hidden = self.store(captured.hidden)
         self.placement.before_layers(self)
+        if captured is not None and self.config.owl.active:
+            self.per_layer_patterns(loop, captured, dense_copy)
+        if self.loop_statistic() is None and captured is not None:  # magnitude + owl: the data was for OWL only
+            hidden.close()
+            captured = hidden = None
         new_reports = loop.run(captured, hidden)
         if hidden is not None:
             hidden.close()  # the last layer's outputs: not needed
@@ -473,6 +495,31 @@ class _Run:
             self.seconds[phase] = sum(layer.seconds.get(phase, 0.0) for layer in new_reports)
         for phase in ("load", "write"):  # moving or reading layers in, writing them out
             self.seconds[f"layers_{phase}"] = sum(layer.seconds.get(phase, 0.0) for layer in new_reports)
+
+    def per_layer_patterns(self, loop: LayerLoop, captured, dense_copy: HiddenStates) -> None:
+        """``--layer-ratios owl``: outlier ratios from a pass through the dense layers (recomputed
+        on --resume: deterministic, and cheaper than a forward per layer would suggest to store),
+        OWL's s_l, then per-matrix sparsities whose total is exactly the uniform run's
+        (``llmprune.solvers.owl.allocate``); the loop then prunes with them."""
+        start = time.perf_counter()
+        measured = loop.dense_outlier_ratios(captured, dense_copy, self.config.owl_m)
+        dense_copy.close()
+        self.seconds["owl_outliers"] = time.perf_counter() - start
+        sparsity = float(self.pattern.sparsity)
+        ratios = [ratio for ratio, _ in measured]
+        targets = owl_sparsities(ratios, sparsity, self.config.owl_lambda)
+        blocksize = getattr(self.config.method_config, "blocksize", 128)
+        refinements = self.config.refinements
+        per_row = refinements.ria.ria_per_row if refinements.score == "ria" else None
+        groups = [[comparison_groups(self.method.name, m.out_features, m.in_features, blocksize=blocksize,
+                                     per_row=per_row) for m in matrices] for _, matrices in measured]
+        per_matrix = allocate(groups, targets, sparsity)
+        table = {(index, m.name): Unstructured(s)
+                 for index, (_, matrices) in enumerate(measured) for m, s in zip(matrices, per_matrix[index])}
+        loop.pattern = lambda index, name: table.get((index, name), self.pattern)
+        self.targets = targets  # the reports get them as each layer is done (layer_done)
+        self.result.outlier_ratios = ratios
+        logger.info("OWL per-layer sparsities: %s", ", ".join(f"{t:.3f}" for t in targets))
 
     def evaluate(self) -> None:
         """Perplexity and --eval-tasks of the pruned model (and the dense perplexity, where it was streamed)."""
@@ -514,6 +561,8 @@ class _Run:
         return int(first.item())
 
     def layer_done(self, index: int, report: LayerReport) -> None:
+        if self.targets is not None:  # before the work folder records the report
+            report.target_sparsity = self.targets[index]
         if self.work is not None and self.group.is_main:
             if self.config.quant is not None:  # before the report: a finished layer always has its grids
                 self.work.write_quant_grids(index, {k: g for k, g in self.loop.quant_grids.items() if k[0] == index})

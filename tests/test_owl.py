@@ -83,3 +83,112 @@ def test_more_outliers_lower_sparsity_after_allocation():
 def test_config_rejects_bad_values(kwargs, bad):
     with pytest.raises(UsageError, match=bad):
         OwlConfig(**kwargs)
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+def _fast(texts, **extra):
+    from test_resilience import fast
+
+    return fast(texts, eval="none", **extra)
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory, ptb_train_text):
+    folder = tmp_path_factory.mktemp("owl-texts")
+    calib, evaluation = folder / "calib.txt", folder / "eval.txt"
+    calib.write_text(ptb_train_text[:60_000])
+    evaluation.write_text(ptb_train_text[-20_000:])
+    return str(calib), str(evaluation)
+
+
+def _zeros(model) -> tuple[int, int]:
+    from llmprune.models.architecture import find_decoder_layers, prunable_matrices
+
+    _, layers = find_decoder_layers(model)
+    zeros = total = 0
+    for layer in layers:
+        for m in prunable_matrices(layer):
+            w = m.read_weight()
+            zeros, total = zeros + int((w == 0).sum()), total + w.numel()
+    return zeros, total
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude"])
+def test_owl_run_differs_per_layer_with_the_uniform_total(method, tiny_llama_dir, texts, one_thread):
+    import llmprune
+
+    uniform = llmprune.prune(str(tiny_llama_dir), method=method, sparsity=0.5, **_fast(texts))
+    owl = llmprune.prune(str(tiny_llama_dir), method=method, sparsity=0.5, layer_ratios="owl", owl_lambda=0.2,
+                         **_fast(texts))
+    assert _zeros(owl.model) == _zeros(uniform.model)  # exactly the uniform run's count (random weights: no zeros)
+    recipe = owl.to_dict()["recipe"]
+    per_layer = recipe["layer_sparsity"]
+    assert len(per_layer) == 3 and len(set(round(s, 6) for s in per_layer)) == 3
+    assert recipe["layer_ratios"] == {"layer_ratios": "owl", "owl_m": 5.0, "owl_lambda": 0.2}
+    assert len(recipe["outlier_ratios"]) == 3
+    layers = owl.to_dict()["layers"]
+    assert [layer["sparsity"] for layer in layers] == per_layer
+    assert all(abs(layer["target_sparsity"] - layer["sparsity"]) < 0.02 for layer in layers)
+    assert uniform.to_dict()["recipe"]["layer_sparsity"] is None
+
+
+def test_uniform_is_bitwise_the_default(tiny_llama_dir, texts, one_thread):
+    import llmprune
+
+    default = llmprune.prune(str(tiny_llama_dir), method="wanda", sparsity=0.6, **_fast(texts))
+    explicit = llmprune.prune(str(tiny_llama_dir), method="wanda", sparsity=0.6, layer_ratios="uniform",
+                              owl_m=3.0, **_fast(texts))
+    a, b = default.model.state_dict(), explicit.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_owl_with_lambda_zero_is_the_uniform_masks(tiny_llama_dir, texts, one_thread):
+    import llmprune
+
+    uniform = llmprune.prune(str(tiny_llama_dir), method="sparsegpt", sparsity=0.5, **_fast(texts))
+    flat = llmprune.prune(str(tiny_llama_dir), method="sparsegpt", sparsity=0.5, layer_ratios="owl",
+                          owl_lambda=0.0, **_fast(texts))
+    a, b = uniform.model.state_dict(), flat.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nm_with_owl_is_refused_in_one_line(tiny_llama_dir, texts):
+    import llmprune
+
+    with pytest.raises(UsageError, match=r"^--layer-ratios owl needs --pattern unstructured, got 2:4[^\n]*$"):
+        llmprune.prune(str(tiny_llama_dir), method="wanda", pattern="2:4", layer_ratios="owl", **_fast(texts))
+    with pytest.raises(UsageError, match="--layer-ratios must be one of uniform, owl, got 'OWL'"):
+        llmprune.prune(str(tiny_llama_dir), method="wanda", sparsity=0.5, layer_ratios="OWL", **_fast(texts))
+
+
+@pytest.mark.parametrize("offload", ["cpu", "disk"])
+def test_owl_resume_equals_an_uninterrupted_run(offload, tiny_llama_dir, texts, tmp_path, monkeypatch, one_thread):
+    import llmprune
+    from llmprune import pipeline
+
+    options = dict(method="wanda", sparsity=0.5, layer_ratios="owl", owl_lambda=0.2, offload=offload,
+                   **_fast(texts))
+    reference = llmprune.prune(str(tiny_llama_dir), save=str(tmp_path / "reference"), **options)
+    work = str(tmp_path / "work")
+    original = pipeline._Run.layer_done
+
+    def stop_after_two(self, index, report):
+        original(self, index, report)
+        if index == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline._Run, "layer_done", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        llmprune.prune(str(tiny_llama_dir), work_dir=work, **options)
+    monkeypatch.setattr(pipeline._Run, "layer_done", original)
+    with pytest.raises(UsageError, match="owl_lambda"):  # the fingerprint covers the OWL options
+        llmprune.prune(str(tiny_llama_dir), work_dir=work, resume=True, **{**options, "owl_lambda": 0.1})
+    resumed = llmprune.prune(str(tiny_llama_dir), work_dir=work, resume=True, save=str(tmp_path / "resumed"),
+                             **options)
+    from test_resilience import assert_same_weights
+
+    assert_same_weights(tmp_path / "reference", tmp_path / "resumed")
+    assert resumed.to_dict()["recipe"]["layer_sparsity"] == reference.to_dict()["recipe"]["layer_sparsity"]
+    assert [r.target_sparsity for r in resumed.layers] == [r.target_sparsity for r in reference.layers]

@@ -22,12 +22,14 @@ from tqdm.auto import tqdm
 
 from llmprune.calibration.capture import CapturedCalls, LayerCall
 from llmprune.calibration.collector import StatisticsCollector, StatisticsComplete
+from llmprune.calibration.statistics import ColumnNormStat
 from llmprune.models.architecture import PrunableMatrix, prunable_matrices
 from llmprune.oneshot import refine
 from llmprune.oneshot.methods import Method
 from llmprune.oneshot.reports import LayerReport, MatrixReport
 from llmprune.patterns import Pattern
 from llmprune.runtime import devices
+from llmprune.solvers.owl import outlier_ratio, wanda_scores
 
 
 @dataclass
@@ -60,6 +62,8 @@ class LayerLoop:
     pass skips ``down_proj``) and ``LayerReport.output_rel_error`` stays None. Without
     calibration data (a data-free method): only step (2).
 
+    pattern: one :data:`Pattern` for every matrix, or a callable ``(layer index, matrix name)
+        -> Pattern`` (per-layer sparsities: ``--layer-ratios owl``).
     config: the method's options (``method.config()`` when None).
     weights: where layers live between uses (``llmprune.runtime.layers.MemoryLayers`` /
         ``DiskLayers``); default: in memory, moved to ``device`` and back to the CPU.
@@ -83,7 +87,7 @@ class LayerLoop:
 
     layers: nn.ModuleList
     method: Method
-    pattern: Pattern
+    pattern: Pattern | Callable[[int, str], Pattern]
     device: torch.device
     config: object | None = None
     weights: object | None = None
@@ -147,6 +151,46 @@ class LayerLoop:
             bar.update()
         bar.close()
         return reports
+
+    def pattern_for(self, index: int, name: str) -> Pattern:
+        """The pattern of matrix ``name`` of layer ``index``."""
+        return self.pattern(index, name) if callable(self.pattern) else self.pattern
+
+    def dense_outlier_ratios(self, captured: CapturedCalls, hidden, m: float) -> list[tuple[float, list]]:
+        """OWL's first pass, nothing pruned: per dense layer, the outlier ratio of its Wanda
+        scores (``llmprune.solvers.owl.outlier_ratio``, one mean over all its prunable
+        matrices) from the column norms of its inputs, then its dense outputs as the next
+        layer's inputs. hidden: a copy of the calibration hidden states (consumed).
+        Returns ``[(D_l, [PrunableMatrix, ...])]`` per layer (the matrices' shapes and names
+        stay valid after the layer is released)."""
+        out = []
+        bar = tqdm(total=len(self.layers), desc="owl outliers", disable=not self.show_progress)
+        for index in range(len(self.layers)):
+            with devices.explain_out_of_memory(f"measuring the outliers of decoder layer {index}"):
+                layer = self.weights.load(index, self.device)
+                matrices = prunable_matrices(layer, self.exclude)
+                collector = StatisticsCollector(matrices, ColumnNormStat, stop_early=False)
+                with collector, torch.no_grad():
+                    for i, call in enumerate(captured.calls[index]):
+                        result = call.call(layer, hidden[i])
+                        collector.end_sample()
+                        if not torch.isfinite(result).all():
+                            raise ValueError(f"layer {index}: non-finite dense outputs (window {i})")
+                        hidden[i] = result
+                scores = []
+                for members, stat in self._statistics_to_solve(collector, range(len(collector.groups)), matrices,
+                                                               ColumnNormStat):
+                    norms = stat.value()
+                    scores += [wanda_scores(mat.read_weight(), norms) for mat in members]
+                    del stat, norms  # the column norms are only needed for this layer's scores
+                ratio = outlier_ratio(scores, m) if scores else 0.0
+                del scores
+                out.append((ratio, matrices))
+                self.weights.release(index, write=False)
+            devices.empty_cache(self.device)
+            bar.update()
+        bar.close()
+        return out
 
     @property
     def _refined(self) -> bool:
@@ -293,18 +337,19 @@ class LayerLoop:
         solves and broadcasts the weight."""
         start = time.perf_counter()
         weight = matrix.read_weight()
+        pattern = self.pattern_for(layer_index, matrix.name)
         error = quant_error = None
         if self._is_main:
             if self._refined:
-                result = refine.solve(self.refinements, self.method, weight, prepared, self.pattern, self.config,
+                result = refine.solve(self.refinements, self.method, weight, prepared, pattern, self.config,
                                       self.quant, where=f"layer {layer_index} {matrix.name}")
                 if self.quant is not None:
                     self.quant_grids[(layer_index, matrix.name)] = result.quant
                     quant_error = result.quant_error
             elif self.quant is None:
-                result = self.method.solve(weight, prepared, self.pattern, self.config)
+                result = self.method.solve(weight, prepared, pattern, self.config)
             else:
-                result = self.method.solve_quantized(weight, prepared, self.pattern, self.config, self.quant,
+                result = self.method.solve_quantized(weight, prepared, pattern, self.config, self.quant,
                                                      where=f"layer {layer_index} {matrix.name}")
                 self.quant_grids[(layer_index, matrix.name)] = result.quant
                 quant_error = result.quant_error
@@ -328,7 +373,7 @@ class LayerLoop:
             quant_loss=quant_error,
         )
 
-    def _statistics_to_solve(self, collector: StatisticsCollector, to_solve, matrices):
+    def _statistics_to_solve(self, collector: StatisticsCollector, to_solve, matrices, statistic: type | None = None):
         """Yield ``(matrices sharing a statistic, statistic)`` for the groups in ``to_solve``,
         taking each from the collector so it can be freed after its solve.
 
@@ -348,7 +393,7 @@ class LayerLoop:
         keyed = {",".join(m.name for m in collector.groups[g]): collector.take_statistic(g) for g in to_solve}
         device = next(iter(keyed.values())).device if keyed else torch.device("cpu")
         merged = self.group.reduce_statistics(
-            keyed, lambda key: self._statistic(by_name[key.split(",")[0]].in_features, device)
+            keyed, lambda key: (statistic or self._statistic)(by_name[key.split(",")[0]].in_features, device)
         )
         for key in list(merged):
             yield [by_name[name] for name in key.split(",")], merged.pop(key)

@@ -34,6 +34,13 @@ class LayerReport:
     seconds: dict[str, float] = field(default_factory=dict)
     forward_passes: int = 0
     left_dense: list[str] = field(default_factory=list)  # matrices that received no input (unrouted experts)
+    target_sparsity: float | None = None  # --layer-ratios owl: OWL's s_l for this layer, else None
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of zeros over this layer's pruned matrices (weighted by size)."""
+        total = sum(m.shape[0] * m.shape[1] for m in self.matrices)
+        return sum(m.sparsity * m.shape[0] * m.shape[1] for m in self.matrices) / total if total else 0.0
 
     def to_dict(self) -> dict:
         return {
@@ -43,6 +50,8 @@ class LayerReport:
             "output_rel_error": self.output_rel_error,
             "seconds": self.seconds,
             "forward_passes": self.forward_passes,
+            **({} if self.target_sparsity is None else {"target_sparsity": self.target_sparsity,
+                                                        "sparsity": self.sparsity}),
             "matrices": [m.to_dict() for m in self.matrices],
         }
 
@@ -57,4 +66,5 @@ class LayerReport:
             seconds=data["seconds"],
             forward_passes=data["forward_passes"],
             left_dense=data.get("left_dense", []),
+            target_sparsity=data.get("target_sparsity"),
         )
