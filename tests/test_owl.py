@@ -192,3 +192,7 @@ def test_owl_resume_equals_an_uninterrupted_run(offload, tiny_llama_dir, texts, 
     assert_same_weights(tmp_path / "reference", tmp_path / "resumed")
     assert resumed.to_dict()["recipe"]["layer_sparsity"] == reference.to_dict()["recipe"]["layer_sparsity"]
     assert [r.target_sparsity for r in resumed.layers] == [r.target_sparsity for r in reference.layers]
+    import json
+
+    saved = json.loads((tmp_path / "resumed" / "llmprune.json").read_text())  # recorded in the checkpoint
+    assert saved["recipe"]["layer_sparsity"] == reference.to_dict()["recipe"]["layer_sparsity"]
