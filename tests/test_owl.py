@@ -196,3 +196,23 @@ def test_owl_resume_equals_an_uninterrupted_run(offload, tiny_llama_dir, texts, 
 
     saved = json.loads((tmp_path / "resumed" / "llmprune.json").read_text())  # recorded in the checkpoint
     assert saved["recipe"]["layer_sparsity"] == reference.to_dict()["recipe"]["layer_sparsity"]
+
+
+@pytest.mark.parametrize("method, extra", [("sparsegpt", {"wbits": 4}), ("wanda", {"wbits": 4}),
+                                           ("wanda", {"offload_activations": "disk", "refine": "dsnot"}),
+                                           ("sparsegpt", {"true_sequential": True, "update": "exact"}),
+                                           ("magnitude", {"offload": "disk"})])
+def test_owl_composes_with_quantization_and_refinements(method, extra, tiny_llama_dir, texts, tmp_path, one_thread):
+    import llmprune
+
+    options = dict(method=method, sparsity=0.5, work_dir=str(tmp_path / "work"), **_fast(texts), **extra)
+    uniform = llmprune.prune(str(tiny_llama_dir), **options)
+    owl = llmprune.prune(str(tiny_llama_dir), layer_ratios="owl", owl_lambda=0.2,
+                         **{**options, "work_dir": str(tmp_path / "work-owl")})
+    # pruned zeros only: quantized kept weights can round to 0, so count the masks' zeros per report
+    def removed(result):
+        return sum(round(m.sparsity * m.shape[0] * m.shape[1]) for layer in result.layers for m in layer.matrices)
+
+    if "wbits" not in extra:
+        assert removed(owl) == removed(uniform)
+    assert len(set(round(s, 6) for s in owl.to_dict()["recipe"]["layer_sparsity"])) == 3
