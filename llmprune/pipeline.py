@@ -497,10 +497,11 @@ class _Run:
             self.seconds[f"layers_{phase}"] = sum(layer.seconds.get(phase, 0.0) for layer in new_reports)
 
     def per_layer_patterns(self, loop: LayerLoop, captured, dense_copy: HiddenStates) -> None:
-        """``--layer-ratios owl``: outlier ratios from a pass through the dense layers (recomputed
-        on --resume: deterministic, and cheaper than a forward per layer would suggest to store),
-        OWL's s_l, then per-matrix sparsities whose total is exactly the uniform run's
-        (``llmprune.solvers.owl.allocate``); the loop then prunes with them."""
+        """``--layer-ratios owl``: outlier ratios from a pass through the dense layers, OWL's s_l,
+        then per-matrix sparsities whose total is exactly the uniform run's
+        (``llmprune.solvers.owl.allocate``); the loop then prunes with them. On --resume the
+        ratios are measured again rather than stored: the same windows through the same dense
+        layers give the same ratios (one forward per layer, no solve)."""
         start = time.perf_counter()
         measured = loop.dense_outlier_ratios(captured, dense_copy, self.config.owl_m)
         dense_copy.close()

@@ -201,7 +201,8 @@ def test_owl_resume_equals_an_uninterrupted_run(offload, tiny_llama_dir, texts, 
 @pytest.mark.parametrize("method, extra", [("sparsegpt", {"wbits": 4}), ("wanda", {"wbits": 4}),
                                            ("wanda", {"offload_activations": "disk", "refine": "dsnot"}),
                                            ("sparsegpt", {"true_sequential": True, "update": "exact"}),
-                                           ("magnitude", {"offload": "disk"})])
+                                           ("magnitude", {"offload": "disk"}), ("wanda", {"score": "ria"}),
+                                           ("wanda", {"score": "ria", "ria_per_row": True})])
 def test_owl_composes_with_quantization_and_refinements(method, extra, tiny_llama_dir, texts, tmp_path, one_thread):
     import llmprune
 

@@ -23,7 +23,7 @@ the class's uniform removal ``n * int(g * S)`` (per group) is shared out among i
 whole "one more weight per group" units: member ``i`` (in layer ``l``) has the real quota
 ``s_l * g``, gets its floor, and the units left over go one each to the members with the
 largest fractional remainders (ties: lower layer first), within ``[0, g - 1]``. Each matrix
-then gets the sparsity ``(k + 1/2) / g``, for which ``int(g * s)`` is exactly ``k`` in floating
+then gets the sparsity ``(k + 1/2) / g`` (0 for ``k = 0``), for which ``int(g * s)`` is exactly ``k`` in floating
 point. A class whose matrices have two group sizes (SparseGPT with ``in % blocksize != 0`` and
 ``in > blocksize``) keeps ``S``: the two floors cannot be steered independently; it is logged.
 With all ``D_l`` equal every quota is ``g * S`` and every matrix removes exactly what the
@@ -146,7 +146,7 @@ def allocate(layer_groups: Sequence[Sequence[tuple[int, int]]], targets: Sequenc
         quotas = [targets[l] * size for l, _ in members]
         counts = _largest_remainder(quotas, units, size - 1)
         for (l, j), k in zip(members, counts):
-            out[l][j] = (k + 0.5) / size
+            out[l][j] = (k + 0.5) / size if k else 0.0  # 0: the solvers' dense shortcut, as uniform at 0
     return out
 
 
