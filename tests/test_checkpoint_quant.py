@@ -19,7 +19,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig
+import transformers as tf  # model classes are looked up in the tests: importing GPT-2's modeling imports triton,
+# which must wait until tests/test_kernel_*.py have set TRITON_INTERPRET=1 at collection
 
 import llmprune
 from llmprune.checkpoints import format as fmt
@@ -40,13 +41,13 @@ STORAGE = {"2:4": "2:4", "u50": "bitmap", "dense": "dense"}
 def tiny_llama(dtype: torch.dtype, seed: int = 0):
     """K = 128 or 256 everywhere: at K = 64 the 2:4 metadata row (padded to 128 columns) makes
     int4 2:4 exactly as large as dense int4 codes, and the writer rightly picks dense."""
-    config = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+    config = tf.LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                          tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(seed)
     # from_config with a dtype keeps the rotary buffers fp32, as loading a checkpoint does
     # (``.to(dtype)`` would cast them too and the logits would differ from the loaded model's).
-    return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    return tf.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
 
 def keep_mask(matrix: torch.Tensor, kind: str) -> torch.Tensor | None:
@@ -188,7 +189,7 @@ def test_dense_format_is_fake_quant_for_plain_transformers(dtype, tmp_path):
     entry = meta["pruned_weights"]["model.layers.0.self_attn.q_proj.weight"]
     assert entry["storage"] == "dense" and entry["quant"] == {"bits": 4, "groupsize": 32, "sym": False}
     assert meta["sizes"]["pruned_stored_bytes"] == meta["sizes"]["pruned_dense_bytes"]
-    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "d")  # no llmprune involved
+    plain = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "d")  # no llmprune involved
     ours = llmprune.load(tmp_path / "d")
     for name, tensor in model.state_dict().items():
         assert torch.equal(plain.state_dict()[name], tensor) and torch.equal(ours.state_dict()[name], tensor), name
@@ -197,7 +198,7 @@ def test_dense_format_is_fake_quant_for_plain_transformers(dtype, tmp_path):
 def test_gpt2_conv1d_grid_is_of_the_transposed_matrix(tmp_path):
     """Conv1D parameters are [in, out]; the grid is of [out, in], groups along `in`."""
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=128, n_layer=2, n_head=4, n_positions=64)).eval()
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=300, n_embd=128, n_layer=2, n_head=4, n_positions=64)).eval()
     pruned, grids = quantize_model(model, "2:4", 4, 32)
     name = "transformer.h.0.mlp.c_fc.weight"
     assert tuple(model.get_parameter(name).shape) == (128, 512) and tuple(grids[name].scale.shape) == (512, 4)
