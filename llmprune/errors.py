@@ -4,6 +4,8 @@ The CLI prints ``str(error)`` on one line and exits with status 2; the library r
 from any check on user-supplied values (model, data, pattern, paths).
 """
 
+import math
+
 
 class UsageError(ValueError):
     """Bad input: the message names the bad value and what would be valid."""
@@ -23,4 +25,13 @@ def check_int(name: str, value: object, *, minimum: int = 1, optional: bool = Fa
         if name.startswith("--") and minimum == 1:
             raise UsageError(f"{name} must be a positive integer, got {value!r}")
         raise UsageError(f"{name}={value!r} is not valid: use an integer >= {minimum}")
+    return value
+
+
+def check_number(name: str, value: object, *, positive: bool = False) -> float:
+    """Return ``value`` if it is a finite real number >= 0 (> 0 with ``positive``); else raise
+    UsageError: "--exact-rho must be a finite number > 0, got nan" (``name`` is the flag)."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not ok or (value <= 0 if positive else value < 0):
+        raise UsageError(f"{name} must be a finite number {'>' if positive else '>='} 0, got {value!r}")
     return value

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from llmprune.errors import UsageError, check_int
+from llmprune.errors import UsageError, check_int, check_number
 from llmprune.patterns import NM, Pattern
 from llmprune.solvers.masks import SolveResult, check_weight
 
@@ -65,9 +65,8 @@ class DSnoTConfig:
 
     def __post_init__(self) -> None:
         check_int("--dsnot-cycles", self.dsnot_cycles, minimum=0)
-        for name, value in (("--dsnot-threshold", self.dsnot_threshold), ("--dsnot-var-power", self.dsnot_var_power)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
-                raise UsageError(f"{name} must be a finite number >= 0, got {value!r}")
+        check_number("--dsnot-threshold", self.dsnot_threshold)
+        check_number("--dsnot-var-power", self.dsnot_var_power)
         if not isinstance(self.dsnot_same_sign, bool):
             raise UsageError(f"--dsnot-same-sign must be true or false, got {self.dsnot_same_sign!r}")
 

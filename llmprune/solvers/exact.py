@@ -48,13 +48,12 @@ product), the order of SparseGPT's ``inverse_hessian`` plus its working copies o
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from llmprune.errors import UsageError, check_int
+from llmprune.errors import check_int, check_number
 from llmprune.solvers.masks import SolveResult
 
 
@@ -75,12 +74,8 @@ class ExactConfig:
     def __post_init__(self) -> None:
         check_int("--exact-iters", self.exact_iters, minimum=0)
         check_int("--exact-cg-iters", self.exact_cg_iters, minimum=0)
-        if isinstance(self.exact_rho, bool) or not isinstance(self.exact_rho, (int, float)) or not (
-                math.isfinite(self.exact_rho) and self.exact_rho > 0):
-            raise UsageError(f"--exact-rho must be a finite number > 0, got {self.exact_rho!r}")
-        if isinstance(self.exact_damp, bool) or not isinstance(self.exact_damp, (int, float)) or not (
-                math.isfinite(self.exact_damp) and self.exact_damp >= 0):
-            raise UsageError(f"--exact-damp must be a finite number >= 0, got {self.exact_damp!r}")
+        check_number("--exact-rho", self.exact_rho, positive=True)
+        check_number("--exact-damp", self.exact_damp)
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,12 @@ Unstructured: as the reference's default, one comparison group per matrix
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from llmprune.errors import UsageError
+from llmprune.errors import UsageError, check_number
 from llmprune.patterns import Pattern
 from llmprune.solvers.masks import SolveResult, check_weight, is_dense, keep_mask, unchanged
 
@@ -35,9 +34,7 @@ class RIAConfig:
         "help": "--score ria compares scores per output row instead of over the whole matrix (unstructured)"})
 
     def __post_init__(self) -> None:
-        if isinstance(self.ria_alpha, bool) or not isinstance(self.ria_alpha, (int, float)) or not (
-                math.isfinite(self.ria_alpha) and self.ria_alpha >= 0):
-            raise UsageError(f"--ria-alpha must be a finite number >= 0, got {self.ria_alpha!r}")
+        check_number("--ria-alpha", self.ria_alpha)
         if not isinstance(self.ria_per_row, bool):
             raise UsageError(f"--ria-per-row must be true or false, got {self.ria_per_row!r}")
 
