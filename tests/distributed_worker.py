@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from llmprune.runtime.distributed import ProcessGroup, destroy, init_process_group
-from llmprune.calibration.statistics import ColumnNormStat, HessianStat
+from llmprune.calibration.statistics import ColumnMomentsStat, ColumnNormStat, HessianMomentsStat, HessianStat
 
 N_SAMPLES = 7
 IN = 24
@@ -26,6 +26,11 @@ KEYS = {
     "layer.self_attn.q_proj": (ColumnNormStat, IN, range(N_SAMPLES)),
     "layer.experts.0.down_proj": (HessianStat, IN, (0, 4)),  # rank 0 only
     "layer.experts.1.down_proj": (ColumnNormStat, IN, (3,)),  # rank 1 only
+    # --refine dsnot's statistics (alone, and bordered with --update exact / a Hessian method)
+    "layer.mlp.gate_proj": (ColumnMomentsStat, IN, range(N_SAMPLES)),
+    "layer.self_attn.o_proj": (HessianMomentsStat, IN, range(N_SAMPLES)),
+    "layer.experts.2.down_proj": (HessianMomentsStat, IN, (2,)),  # rank 0 only
+    "layer.experts.3.down_proj": (ColumnMomentsStat, IN, (1, 5)),  # rank 1 only
 }
 
 

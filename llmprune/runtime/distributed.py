@@ -74,8 +74,9 @@ class ProcessGroup:
         """Sum calibration statistics over all ranks; every rank gets the same result.
 
         ``stats`` maps a key that names the same matrices on every rank (a matrix name, not a
-        call-order index) to a stat of ``llmprune.calibration.statistics`` (``HessianStat`` / ``ColumnNormStat``)
-        accumulated from this rank's samples. Returns a dict, keys sorted, over the union of
+        call-order index) to a stat of ``llmprune.calibration.statistics`` (``HessianStat``,
+        ``ColumnNormStat``, ``ColumnMomentsStat``, ``HessianMomentsStat``: whatever has
+        ``to_sums`` / ``load_sums``) accumulated from this rank's samples. Returns a dict, keys sorted, over the union of
         the ranks' keys: a key this rank lacks (an MoE expert routed tokens only on another
         rank) gets ``factory(key)``, an empty stat, which adds nothing. Each returned stat
         equals the one accumulated over all ranks' samples, up to float summation order. The
