@@ -165,12 +165,15 @@ def test_nm_with_owl_is_refused_in_one_line(tiny_llama_dir, texts):
 
 @pytest.mark.parametrize("offload", ["cpu", "disk"])
 def test_owl_resume_equals_an_uninterrupted_run(offload, tiny_llama_dir, texts, tmp_path, monkeypatch, one_thread):
+    """Stopped after layer 1 and resumed, in memory or with layers and hidden states (the dense
+    copy OWL's outlier pass consumes, too) on disk: the uninterrupted in-memory run's checkpoint."""
     import llmprune
     from llmprune import pipeline
 
-    options = dict(method="wanda", sparsity=0.5, layer_ratios="owl", owl_lambda=0.2, offload=offload,
-                   **_fast(texts))
-    reference = llmprune.prune(str(tiny_llama_dir), save=str(tmp_path / "reference"), **options)
+    streamed = {"offload": "disk", "offload_activations": "disk"} if offload == "disk" else {}
+    in_memory = dict(method="wanda", sparsity=0.5, layer_ratios="owl", owl_lambda=0.2, **_fast(texts))
+    options = {**in_memory, **streamed}
+    reference = llmprune.prune(str(tiny_llama_dir), save=str(tmp_path / "reference"), **in_memory)
     work = str(tmp_path / "work")
     original = pipeline._Run.layer_done
 
@@ -190,7 +193,8 @@ def test_owl_resume_equals_an_uninterrupted_run(offload, tiny_llama_dir, texts, 
     from test_resilience import assert_same_weights
 
     assert_same_weights(tmp_path / "reference", tmp_path / "resumed")
-    assert resumed.to_dict()["recipe"]["layer_sparsity"] == reference.to_dict()["recipe"]["layer_sparsity"]
+    for key in ("layer_sparsity", "outlier_ratios"):
+        assert resumed.to_dict()["recipe"][key] == reference.to_dict()["recipe"][key], key
     assert [r.target_sparsity for r in resumed.layers] == [r.target_sparsity for r in reference.layers]
     import json
 
