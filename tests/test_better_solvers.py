@@ -444,28 +444,50 @@ def test_cli_update_exact_runs_and_bad_value_exits_2(tiny_llama_dir, texts, tmp_
     assert "method wanda, refine dsnot, update exact, pattern unstructured(0.5)" in good.stdout
 
 
-def test_refined_run_resumes_and_offloads_to_the_same_weights(tiny_llama_dir, texts, tmp_path, one_thread):
-    """Stopped after layer 0 (progress.json cut back), a --refine dsnot --update exact run resumes
-    to the weights of an uninterrupted one; --offload disk gives them too."""
+def test_refined_run_stopped_after_a_layer_resumes_to_the_in_memory_weights(tiny_llama_dir, texts, tmp_path,
+                                                                            monkeypatch, one_thread):
+    """--refine dsnot --update exact: --offload disk gives the in-memory run's weights bit for
+    bit; a run streaming layers and hidden states from disk, stopped once layer 0 is recorded
+    (KeyboardInterrupt, as Ctrl-C), resumes by solving layers 1 and 2 only, to the same weights."""
     import json
 
     import llmprune
+    from llmprune import pipeline
+    from llmprune.oneshot import refine
     from llmprune.runtime.workdir import PROGRESS_FILE
 
     options = fast(texts, method="wanda", pattern="2:4", refine="dsnot", update="exact", eval="none")
-    reference = llmprune.prune(str(tiny_llama_dir), **options)
-    work = tmp_path / "work"
-    llmprune.prune(str(tiny_llama_dir), work_dir=str(work), **options)
-    progress = json.loads((work / PROGRESS_FILE).read_text())
-    progress.update(completed_layers=1, layers=progress["layers"][:1], finished=False)
-    (work / PROGRESS_FILE).write_text(json.dumps(progress))
-    resumed = llmprune.prune(str(tiny_llama_dir), work_dir=str(work), resume=True, **options)
-    ref = dict(reference.model.state_dict())
-    for name, value in resumed.model.state_dict().items():
-        assert torch.equal(value, ref[name]), name
     llmprune.prune(str(tiny_llama_dir), save=str(tmp_path / "memory"), **options)
     llmprune.prune(str(tiny_llama_dir), save=str(tmp_path / "disk"), offload="disk", **options)
     assert_same_weights(tmp_path / "memory", tmp_path / "disk")
+
+    streamed = dict(options, offload="disk", offload_activations="disk")
+    work = tmp_path / "work"
+    original = pipeline._Run.layer_done
+
+    def stop_after_first(self, index, report):
+        original(self, index, report)
+        if index == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline._Run, "layer_done", stop_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        llmprune.prune(str(tiny_llama_dir), work_dir=str(work), **streamed)
+    monkeypatch.setattr(pipeline._Run, "layer_done", original)
+    progress = json.loads((work / PROGRESS_FILE).read_text())
+    assert progress["completed_layers"] == 1 and not progress["finished"]
+
+    solved = []
+    original_solve = refine.solve
+
+    def counting_solve(*args, where="", **kwargs):
+        solved.append(where)
+        return original_solve(*args, where=where, **kwargs)
+
+    monkeypatch.setattr(refine, "solve", counting_solve)
+    llmprune.prune(str(tiny_llama_dir), work_dir=str(work), resume=True, save=str(tmp_path / "resumed"), **streamed)
+    assert len(solved) == 2 * 7 and not any(where.startswith("layer 0 ") for where in solved), solved
+    assert_same_weights(tmp_path / "memory", tmp_path / "resumed")
 
 
 @settings(max_examples=40, deadline=None)
