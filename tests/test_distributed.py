@@ -178,9 +178,11 @@ SPARSEGPT_WEIGHT_RTOL = 2e-4  # relative to max|W| of each matrix
 # --update exact solves with the Jacobi-scaled Hessian plus ``--exact-damp`` times I. Its
 # eigenvalues lie in [damp, in + damp] (unit diagonal: trace = in), so the summation-order
 # differences are amplified at most (in + damp) / damp: with --exact-damp 0.1 and in <= 128,
-# 1281 * 1e-7 = 1.3e-4 * max|W| < 2e-4 (measured 1.5e-5, o_proj). At the default damp 0.01 the
-# bound is 10x larger (measured 4.5e-3 in layer 0's o_proj) and the next layers' inputs differ
-# enough for DSnoT to pick other swaps in layers 1 and 2's k_proj: the masks could not be compared.
+# 1281 * 1e-7 = 1.3e-4 * max|W| < 2e-4 in layer 0, whose inputs are the same on both runs. Later
+# layers' Hessians also carry the earlier layers' weight differences, as with SparseGPT; measured
+# over all layers: at most 1.5e-5 * max|W| (layer 1's o_proj). At the default damp 0.01 the bound
+# is 10x larger (measured 4.5e-3 in layer 0's o_proj) and the next layers' inputs differ enough
+# for DSnoT to pick other swaps in layers 1 and 2's k_proj: the masks could not be compared.
 EXACT_DAMP = "0.1"
 EXACT_WEIGHT_RTOL = 2e-4  # relative to max|W| of each matrix
 
