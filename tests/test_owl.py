@@ -221,3 +221,21 @@ def test_owl_composes_with_quantization_and_refinements(method, extra, tiny_llam
     if "wbits" not in extra:
         assert removed(owl) == removed(uniform)
     assert len(set(round(s, 6) for s in owl.to_dict()["recipe"]["layer_sparsity"])) == 3
+
+
+def test_sparsegpt_partial_last_block_still_follows_the_ratios():
+    """SmolLM2's shapes: 576 inputs = 4 blocks of 128 + one of 64, so each class has two group
+    sizes (one sparsity sets both floors). The allocation still moves every class with the
+    layers' targets and removes exactly the uniform count."""
+    shapes = [(576, 576), (192, 576), (576, 576), (1536, 576), (576, 1536)]
+    groups = [[comparison_groups("sparsegpt", o, i, blocksize=128) for o, i in shapes] for _ in range(6)]
+    assert len(groups[0][0]) == 2 and len(groups[0][4]) == 1
+    for s in (0.5, 0.7):
+        targets = owl_sparsities([0.0, 0.2, 0.4, 0.6, 0.8, 1.0], s, 0.08)
+        per_matrix = allocate(groups, targets, s)
+        for j in range(len(shapes)):  # more outliers -> lower sparsity, in every class
+            column = [per_matrix[l][j] for l in range(6)]
+            assert column == sorted(column, reverse=True) and column[0] - column[-1] > 0.1
+            assert all(abs(x - t) < 1e-3 for x, t in zip(column, targets))
+        uniform = sum(removed(g, s) for layer in groups for g in layer)
+        assert sum(removed(g, x) for layer, xs in zip(groups, per_matrix) for g, x in zip(layer, xs)) == uniform

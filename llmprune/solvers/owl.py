@@ -25,7 +25,10 @@ whole "one more weight per group" units: member ``i`` (in layer ``l``) has the r
 largest fractional remainders (ties: lower layer first), within ``[0, g - 1]``. Each matrix
 then gets the sparsity ``(k + 1/2) / g`` (0 for ``k = 0``), for which ``int(g * s)`` is exactly ``k`` in floating
 point. A class whose matrices have two group sizes (SparseGPT with ``in % blocksize != 0`` and
-``in > blocksize``) keeps ``S``: the two floors cannot be steered independently; it is logged.
+``in > blocksize``, e.g. SmolLM2's 576 inputs = 4 blocks of 128 + 64) cannot be steered one
+group at a time (one sparsity sets both floors): there each member's removal is a step
+function of its sparsity, and :func:`_allocate_two_sizes` picks one step per member that sum
+exactly to the uniform total, closest to the quotas.
 With all ``D_l`` equal every quota is ``g * S`` and every matrix removes exactly what the
 uniform run removes (the same masks). A layer's reported sparsity is its realised fraction of
 zeros, within one unit per matrix of ``s_l``.
@@ -33,6 +36,7 @@ zeros, within one unit per matrix of ``s_l``.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 from collections.abc import Sequence
@@ -137,10 +141,13 @@ def allocate(layer_groups: Sequence[Sequence[tuple[int, int]]], targets: Sequenc
         for j, g in enumerate(groups):
             classes.setdefault(tuple(g), []).append((l, j))
     for key, members in classes.items():
-        if len(key) != 1:
-            logger.warning("matrices with comparison groups %s keep the uniform sparsity %g (two group sizes)",
-                           key, sparsity)
+        if len(key) == 2:
+            quotas = [targets[l] for l, _ in members]
+            for (l, j), x in zip(members, _allocate_two_sizes(key, quotas, sparsity)):
+                out[l][j] = x
             continue
+        if len(key) != 1:
+            raise ValueError(f"comparison groups {key}: at most two group sizes are supported")
         size = key[0][0]
         units = len(members) * int(size * sparsity)  # per group, what the uniform run removes
         quotas = [targets[l] * size for l, _ in members]
@@ -148,6 +155,90 @@ def allocate(layer_groups: Sequence[Sequence[tuple[int, int]]], targets: Sequenc
         for (l, j), k in zip(members, counts):
             out[l][j] = (k + 0.5) / size if k else 0.0  # 0: the solvers' dense shortcut, as uniform at 0
     return out
+
+
+def _allocate_two_sizes(key: tuple[tuple[int, int], ...], targets: Sequence[float], sparsity: float) -> list[float]:
+    """Sparsities for the members of one class whose matrices have ``count`` full groups of
+    ``size`` and one smaller group of ``rest`` (SparseGPT with a partial last block), removing
+    together exactly what the uniform run at ``sparsity`` removes.
+
+    One sparsity ``s`` steers both floors: a member removes ``R(s) = count * int(size * s) +
+    int(rest * s)``, a step function whose steps (at ``a / size`` and ``b / rest``) are
+    ``count``, 1 or ``count + 1`` weights. Each member starts at the largest step value not
+    above its quota ``target * (count * size + rest)``; a small dynamic programme then moves
+    members by at most two steps (after single steps, furthest from its quota first, while the
+    gap is larger than the largest single step) so that the steps' sum closes the gap
+    exactly, minimising the summed distance to the quotas (ties: fewer moves); a member may also
+    keep the uniform sparsity (:func:`removed` rounds in floating point, which the exact step
+    function does not always reproduce).
+    If no such moves exist (only in degenerate classes) the closest total is kept and the gap
+    logged. Returns a sparsity strictly inside its step (the midpoint), so ``int(size * s)``
+    and ``int(rest * s)`` are exact in floating point.
+    """
+    (size, count), (rest, one) = key
+    if one != 1 or rest >= size:
+        raise ValueError(f"comparison groups {key}: expected full groups then one smaller group")
+    keys, values = _step_function(size, count, rest)
+    total_weights = count * size + rest
+    uniform = count * int(size * sparsity) + int(rest * sparsity)
+    quotas = [t * total_weights for t in targets]
+    start = [max(bisect.bisect_right(values, q) - 1, 0) for q in quotas]
+    gap = len(targets) * uniform - sum(values[i] for i in start)  # only steers the first, coarse phase
+    # Far from the total (quotas clipped at 0 or 1): one step at a time, the member furthest
+    # below (above) its quota first, until the gap is within the DP's reach.
+    reach = count + 1  # the largest single step
+    while abs(gap) > reach:
+        up = gap > 0
+        movable = [m for m, i in enumerate(start) if (i + 1 < len(values) if up else i > 0)]
+        if not movable:
+            break
+        m = max(movable, key=lambda m: (quotas[m] - values[start[m]]) * (1 if up else -1))
+        old = values[start[m]]
+        start[m] += 1 if up else -1
+        gap -= values[start[m]] - old
+
+    def options(i: int) -> list[tuple[int, float, int]]:
+        """(removal, sparsity, moves) within three steps of step i, plus the uniform sparsity
+        itself: its float floors (what the uniform run removes) need not be a value of the
+        exact step function (``int(640 * 0.7)`` is 448 but ``int(360 * 0.7)`` 251)."""
+        out = [(uniform, float(sparsity), 1)]
+        for j in range(max(i - 3, 0), min(i + 4, len(values))):
+            high = keys[j + 1] if j + 1 < len(keys) else size * rest
+            out.append((values[j], 0.0 if values[j] == 0 else (keys[j] + high) / (2 * size * rest), int(j != i)))
+        return out
+
+    # DP over members: state = removal so far -> (distance to the quotas, moves, sparsities)
+    target = len(targets) * uniform
+    best: dict[int, tuple[float, int, tuple[float, ...]]] = {0: (0.0, 0, ())}
+    for q, i in zip(quotas, start):
+        nxt: dict[int, tuple[float, int, tuple[float, ...]]] = {}
+        for removal, x, moved in options(i):
+            for acc, (c, n, path) in best.items():
+                cand = (c + abs(q - removal), n + moved, path + (x,))
+                if acc + removal not in nxt or cand[:2] < nxt[acc + removal][:2]:
+                    nxt[acc + removal] = cand
+        best = nxt
+    reached = min(best, key=lambda acc: (abs(acc - target), best[acc][:2]))
+    if reached != target:
+        logger.warning("comparison groups %s: OWL's total is %d weights off the uniform run's", key, target - reached)
+    out = list(best[reached][2])
+    return out
+
+
+def _step_function(size: int, count: int, rest: int) -> tuple[list[int], list[int]]:
+    """Every breakpoint in [0, 1) of ``R(s) = count * int(size * s) + int(rest * s)``, increasing:
+    ``(keys, values)`` with breakpoint ``s_j = keys[j] / (size * rest)`` and ``R`` equal to
+    ``values[j]`` on ``[s_j, s_{j+1})``. Integer arithmetic throughout (full breakpoints
+    ``a / size``, partial ones ``b / rest``; coinciding ones merged)."""
+    a = torch.arange(size, dtype=torch.int64)
+    b = torch.arange(rest, dtype=torch.int64)
+    keys = torch.cat([a * rest, b * size])
+    values = torch.cat([count * a + a * rest // size, count * (b * size // rest) + b])
+    keys, order = torch.sort(keys, stable=True)
+    values = values[order]
+    first = torch.ones_like(keys, dtype=torch.bool)
+    first[1:] = keys[1:] != keys[:-1]  # a coinciding pair has the same value either way
+    return keys[first].tolist(), values[first].tolist()
 
 
 def _largest_remainder(quotas: Sequence[float], total: int, cap: int) -> list[int]:
