@@ -106,6 +106,8 @@ class PruneConfig:
     layer_ratios: str = _solver_field(OwlConfig, "layer_ratios")
     owl_m: float = _solver_field(OwlConfig, "owl_m")
     owl_lambda: float = _solver_field(OwlConfig, "owl_lambda")
+    recipe: str = _opt("none", "a named combination of the options above: none, or best (for each method and pattern "
+                       "the combination the committed benchmark measured best; options set explicitly keep their value)")
     trust_remote_code: bool = _opt(False, "allow model code from the Hub (off by default)")
     revision: str | None = _opt(None, "Hub revision (branch, tag or commit) of --model")
     progress: bool = _opt(True, "show progress bars")
@@ -116,6 +118,18 @@ class PruneConfig:
 
         if self.method_config is None and self.method in METHODS:  # an unknown method is refused by prune()
             object.__setattr__(self, "method_config", METHODS[self.method].config())
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, value in self.recipe_options.items():  # fills only what was left at its default
+            if getattr(self, name) == defaults[name]:
+                object.__setattr__(self, name, value)
+
+    @property
+    def recipe_options(self) -> dict:
+        """What ``--recipe`` sets for this method, pattern and sparsity
+        (``llmprune.oneshot.recipes``); UsageError for an unknown recipe or method."""
+        from llmprune.oneshot.recipes import recipe_options
+
+        return recipe_options(self.recipe, self.method, self.pattern, self.sparsity)
 
     @property
     def eval_sources(self) -> list[str]:

@@ -96,6 +96,9 @@ class PruneResult:
                 # realised fraction of zeros per decoder layer (--layer-ratios owl), else None
                 "layer_sparsity": ([layer.sparsity for layer in self.layers] if self.config.owl.active else None),
                 "outlier_ratios": self.outlier_ratios,
+                # --recipe: its name and the values it proposes (explicit flags override them)
+                "named_recipe": ({"name": self.config.recipe, "options": self.config.recipe_options}
+                                 if self.config.recipe != "none" else None),
             },
             "results": {
                 "sparsity": self.sparsity,
@@ -165,6 +168,7 @@ def prune(
     layer_ratios: str = "uniform",
     owl_m: float = 5.0,
     owl_lambda: float = 0.08,
+    recipe: str = "none",
     trust_remote_code: bool = False,
     revision: str | None = None,
     progress: bool = True,
