@@ -274,3 +274,58 @@ def test_cli_permutation_without_nm_exits_2_with_one_line(tiny_llama_dir, tmp_pa
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "--permute-channels needs an N:M --pattern" in lines[0], proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_offload_disk_permutes_like_memory(tiny_llama_dir, tmp_path):
+    runs = [llmprune.prune(str(tiny_llama_dir), method="sparsegpt", pattern="2:4", permute_channels=True,
+                           **{**FAST, "eval": "none"}, **extra)
+            for extra in ({}, {"offload": "disk", "save": str(tmp_path / "disk")})]
+    from safetensors.torch import load_file
+
+    saved = {}
+    for file in (tmp_path / "disk").glob("*.safetensors"):
+        saved.update(load_file(file))
+    for name, param in runs[0].model.named_parameters():
+        if ".layers." in name:
+            assert torch.equal(saved[name], param), name  # the permuted layer is what was saved
+
+
+def _run_python(args: list[str], cwd) -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+
+
+@pytest.mark.slow  # ~40 s: 2 CLI runs of a tiny Llama, one under torchrun (2 x gloo)
+def test_torchrun_ranks_permute_alike(tiny_llama_dir, ptb_train_text, tmp_path):
+    # Rank 0 chooses each permutation and broadcasts it; a rank that permuted otherwise (or not
+    # at all) would feed the next layer's statistics other activations than the single process.
+    import socket
+
+    from safetensors.torch import load_file
+
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text(ptb_train_text[:100_000], encoding="utf-8")
+    common = ["-m", "llmprune.wanda", "--model", str(tiny_llama_dir), "--pattern", "2:4", "--permute-channels",
+              "--dataset", str(calibration), "--nsamples", "5", "--seqlen", "32", "--eval", "none", "--device", "cpu",
+              "--no-progress"]
+    _run_python([*common, "--save", str(tmp_path / "single"), "--results", str(tmp_path / "single.json")], tmp_path)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    _run_python(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+                 str(port), *common, "--save", str(tmp_path / "multi"), "--results", str(tmp_path / "multi.json")],
+                tmp_path)
+    want, got = (load_file(tmp_path / folder / "model.safetensors") for folder in ("single", "multi"))
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
