@@ -98,7 +98,8 @@ class ChannelPermutation:
         return cls(read_sizes(model_config), pattern, chosen, ria_alpha)
 
     def describe(self) -> dict:
-        """As recorded in a results recipe."""
+        """As recorded in a results recipe (what each layer's consumers got:
+        ``LayerReport.permutations``; a family without the values layout has only the FFN)."""
         return {"score": self.score, "folds_into": ["ffn", "values"]}
 
     def before_solve(self, layer: nn.Module, index: int, members: list[PrunableMatrix], statistic: Tensor | None,
@@ -142,7 +143,8 @@ class ChannelPermutation:
             if (index, lanes.matrix) in grids:
                 grids[index, lanes.matrix] = _permute_grid(grids[index, lanes.matrix], lanes, perm)
         if statistic is not None:
-            statistic = permute_statistic(statistic, statistic_kind, _full_index(columns, perm, group.consumer.in_features))
+            index = _full_index(columns, perm, group.consumer.in_features)  # (in,)
+            statistic = permute_statistic(statistic, statistic_kind, index)
         return statistic, {"kind": group.kind, "kept_score_identity": before, "kept_score": after}
 
     def consumer_score(self, weight: Tensor, statistic: Tensor | None, statistic_kind: type | None) -> Tensor:
