@@ -29,6 +29,10 @@ Score of the permutation: the mask score of the method on the consumer's current
 Wanda ``|W| * ||x_j||``, RIA's score with ``--score ria``, magnitude ``|W|``; SparseGPT (which has
 no fixed score) uses ``|W| * sqrt(diag H)`` as its Wanda-like proxy (``diag H / 2`` is Wanda's
 ``||x_j||^2``). The consumer's calibration statistic is permuted with its columns.
+
+Measured on SmolLM2-135M, Wanda 2:4, 32 x 512 PTB calibration tokens, PTB perplexity on 4088
+tokens: 398.4 in identity order, 345.2 permuted; the kept score rose by 1.5 % (median over
+layers) on down_proj and 1.2 % on o_proj, for about 4 s of search per layer on one busy CPU core.
 """
 
 from __future__ import annotations
