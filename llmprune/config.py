@@ -102,6 +102,8 @@ class PruneConfig:
     dsnot_same_sign: bool = _solver_field(DSnoTConfig, "dsnot_same_sign")
     ria_alpha: float = _solver_field(RIAConfig, "ria_alpha")
     ria_per_row: bool = _solver_field(RIAConfig, "ria_per_row")
+    permute_channels: bool = _opt(False, "with an N:M pattern, permute the channels feeding down_proj and o_proj "
+                                  "(and the rows producing them) so N:M keeps more score; the model computes the same function")
     # Per-layer sparsities (llmprune.solvers.owl): OWL's outlier-weighted ratios, total unchanged.
     layer_ratios: str = _solver_field(OwlConfig, "layer_ratios")
     owl_m: float = _solver_field(OwlConfig, "owl_m")

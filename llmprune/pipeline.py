@@ -29,8 +29,9 @@ from llmprune.models.architecture import check_pattern_fits, check_quantizable, 
 from llmprune.oneshot.loop import LayerLoop, Stream
 from llmprune.oneshot import refine
 from llmprune.oneshot.methods import Method, get_method, option_fields
+from llmprune.oneshot.permute import ChannelPermutation
 from llmprune.oneshot.reports import LayerReport
-from llmprune.patterns import Pattern, Unstructured, parse_pattern, pattern_to_dict
+from llmprune.patterns import NM, Pattern, Unstructured, parse_pattern, pattern_to_dict
 from llmprune.runtime import devices, distributed
 from llmprune.runtime.activations import OFFLOAD_ACTIVATIONS, HiddenStates
 from llmprune.runtime.layers import OFFLOAD_WEIGHTS, DiskLayers, MemoryLayers
@@ -66,6 +67,8 @@ class PruneResult:
     # --layer-ratios owl: each decoder layer's outlier ratio D_l on the dense model (None when
     # not measured: uniform, or a resumed run whose layers were all done)
     outlier_ratios: list[float] | None = None
+    # --permute-channels: the llmprune.oneshot.permute.ChannelPermutation the layers were permuted with
+    permutation: object | None = None
 
     @property
     def sparsity(self) -> float:
@@ -92,6 +95,7 @@ class PruneResult:
                 "config": self.config.to_dict(),
                 "quant": None if self.config.quant is None else self.config.quant.describe(),
                 "refinements": refine.describe(self.config.refinements),
+                "channel_permutation": None if self.permutation is None else self.permutation.describe(),
                 "layer_ratios": dataclasses.asdict(self.config.owl),
                 # realised fraction of zeros per decoder layer (--layer-ratios owl), else None
                 "layer_sparsity": ([layer.sparsity for layer in self.layers] if self.config.owl.active else None),
@@ -165,6 +169,7 @@ def prune(
     dsnot_same_sign: bool = False,
     ria_alpha: float = 0.5,
     ria_per_row: bool = False,
+    permute_channels: bool = False,
     layer_ratios: str = "uniform",
     owl_m: float = 5.0,
     owl_lambda: float = 0.08,
@@ -228,6 +233,9 @@ def _validate(config: PruneConfig) -> Pattern:
         raise UsageError(str(error)) from None
     config.quant  # noqa: B018 - raises UsageError for a bad --wbits / --groupsize
     config.refinements.check_method(config.method)  # UsageError for a bad --update / --refine / --score
+    if config.permute_channels and not isinstance(pattern, NM):
+        raise UsageError(f"--permute-channels needs an N:M --pattern (e.g. 2:4), got {pattern}: "
+                         "the permutation only matters to N:M groups; drop --permute-channels")
     if config.owl.active and not isinstance(pattern, Unstructured):  # UsageError for bad --owl-* values first
         raise UsageError(f"--layer-ratios owl needs --pattern unstructured, got {pattern}: N:M fixes every "
                          "layer's sparsity; use --layer-ratios uniform")
@@ -457,6 +465,9 @@ class _Run:
     def prune_layers(self, calibration: torch.Tensor | None) -> None:
         """Dense evaluation, then every decoder layer pruned (resuming where a run stopped)."""
         first_layer = self.first_layer()
+        if self.config.permute_channels:
+            self.result.permutation = ChannelPermutation.for_run(self.model.config, self.pattern, self.config.method,
+                                                                 self.config.score, self.config.ria_alpha)
         self.placement.evaluate_dense(self)
         devices.move_all_but_layers(self.model, self.layers, self.device)
         self.streams = self.placement.eval_streams(self)
@@ -466,7 +477,7 @@ class _Run:
             true_sequential=self.config.true_sequential, output_errors=self.config.output_errors,
             streams=self.streams, start=first_layer,
             on_layer_done=self.layer_done, show_progress=self.config.progress and self.group.is_main, group=self.group,
-            quant=self.config.quant, refinements=self.config.refinements,
+            quant=self.config.quant, refinements=self.config.refinements, permute=self.result.permutation,
         )
         self.loop = loop
         if self.work is not None and self.group.is_main and self.config.quant is not None:

@@ -50,6 +50,7 @@ def _format_table(result) -> str:
     ref = result.config.refinements
     extra = "".join(f", {flag} {value}" for flag, value, default in (
         ("score", ref.score, "default"), ("refine", ref.refine, "none"), ("update", ref.update, "none")) if value != default)
+    extra += ", permuted channels" if result.config.permute_channels else ""
     lines.append(f"method {result.config.method}{extra}, pattern {result.pattern}{grid}, "
                  f"measured sparsity {result.sparsity:.4f}")
     lines.append("time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))

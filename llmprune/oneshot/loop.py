@@ -83,6 +83,9 @@ class LayerLoop:
     refinements: ``llmprune.oneshot.refine.Refinements`` (``--score / --refine / --update``);
         when active, the statistic, its preparation and each matrix's solve come from
         ``llmprune.oneshot.refine`` (mask -> refine -> exact update -> quantize).
+    permute: ``llmprune.oneshot.permute.ChannelPermutation`` (``--permute-channels``): right
+        before down_proj / o_proj is solved, the channels it reads are permuted (its columns,
+        its statistic, the producers' rows); recorded in ``LayerReport.permutations``.
     """
 
     layers: nn.ModuleList
@@ -101,6 +104,7 @@ class LayerLoop:
     output_errors: bool = False
     quant: object | None = None
     refinements: object | None = None
+    permute: object | None = None
 
     def __post_init__(self) -> None:
         from llmprune.runtime.layers import MemoryLayers
@@ -238,6 +242,7 @@ class LayerLoop:
     def _solve_without_data(self, layer: nn.Module, index: int, report: LayerReport) -> None:
         t0 = time.perf_counter()
         for matrix in prunable_matrices(layer, self.exclude):
+            self._permute_channels(layer, index, [matrix], None, report)
             report.matrices.append(self._solve_matrix(index, matrix, None))
         report.seconds["solve"] = time.perf_counter() - t0
 
@@ -266,7 +271,7 @@ class LayerLoop:
             _add_seconds(report, "statistics", t0)
             t0 = time.perf_counter()
             self._solve_groups(collector, [step] if self.true_sequential else range(len(collector.groups)),
-                               matrices, index, report)
+                               matrices, layer, index, report)
             _add_seconds(report, "solve", t0)
             step += 1
             if not self.true_sequential or step >= len(collector.groups):
@@ -276,7 +281,7 @@ class LayerLoop:
         report.left_dense = [name for name in collector.check_all_seen(index) if name not in solved]
         self._propagate_pruned(layer, index, calls, hidden, dense_out, report)
 
-    def _solve_groups(self, collector, to_solve, matrices, index: int, report: LayerReport) -> None:
+    def _solve_groups(self, collector, to_solve, matrices, layer, index: int, report: LayerReport) -> None:
         for members, stat in self._statistics_to_solve(collector, to_solve, matrices):
             statistic = stat.value() if stat.n_samples else None
             if statistic is not None and not bool(torch.isfinite(statistic).all()):
@@ -285,6 +290,7 @@ class LayerLoop:
                                  "(activations too large for fp32 sums)")
             if statistic is None:
                 continue  # routed no tokens on any rank: left dense (check_all_seen warns)
+            statistic = self._permute_channels(layer, index, members, statistic, report)
             prepared = None
             if self._is_main:  # only rank 0 solves
                 try:
@@ -305,6 +311,21 @@ class LayerLoop:
                 except (ValueError, RuntimeError) as error:
                     raise type(error)(f"layer {index} {matrix.name}: {error}") from error
             del prepared
+
+    def _permute_channels(self, layer, index: int, members, statistic, report: LayerReport):
+        """With ``permute``: permute the channels ``members`` read when they are a consumer
+        (rank 0 chooses, every rank applies); returns the statistic of the permuted inputs.
+        For down_proj under SparseGPT the old and the permuted Hessian coexist until the
+        caller frees the stat: one more [in, in] buffer for that moment."""
+        if self.permute is None:
+            return statistic
+        broadcast = (lambda tensor: self.group.broadcast_(tensor, src=0)) if self._distributed else None
+        statistic, done = self.permute.before_solve(layer, index, members, statistic,
+                                                    self._statistic if statistic is not None else None,
+                                                    self.quant_grids, solve=self._is_main, broadcast=broadcast)
+        if done is not None:
+            report.permutations[members[0].name] = done
+        return statistic
 
     def _propagate_pruned(self, layer, index: int, calls, hidden, dense_out, report: LayerReport) -> None:
         """Run the pruned layer: its outputs become the next layer's inputs; with ``dense_out``

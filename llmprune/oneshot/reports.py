@@ -35,6 +35,8 @@ class LayerReport:
     forward_passes: int = 0
     left_dense: list[str] = field(default_factory=list)  # matrices that received no input (unrouted experts)
     target_sparsity: float | None = None  # --layer-ratios owl: OWL's s_l for this layer, else None
+    # --permute-channels: {consumer name: {"kind", "kept_score_identity", "kept_score"}}
+    permutations: dict[str, dict] = field(default_factory=dict)
 
     @property
     def sparsity(self) -> float:
@@ -52,6 +54,7 @@ class LayerReport:
             "forward_passes": self.forward_passes,
             **({} if self.target_sparsity is None else {"target_sparsity": self.target_sparsity,
                                                         "sparsity": self.sparsity}),
+            **({"permutations": self.permutations} if self.permutations else {}),
             "matrices": [m.to_dict() for m in self.matrices],
         }
 
@@ -67,4 +70,5 @@ class LayerReport:
             forward_passes=data["forward_passes"],
             left_dense=data.get("left_dense", []),
             target_sparsity=data.get("target_sparsity"),
+            permutations=data.get("permutations", {}),
         )

@@ -46,7 +46,7 @@ WORK_VERSION = 1
 RECIPE_FIELDS = ("model", "revision", "method", "sparsity", "pattern", "dataset", "nsamples", "seqlen", "seed",
                  "dtype", "true_sequential", "exclude", "wbits", "groupsize", "sym", "update", "refine", "score",
                  "exact_iters", "exact_rho", "exact_cg_iters", "exact_damp", "dsnot_cycles", "dsnot_threshold",
-                 "dsnot_var_power", "dsnot_same_sign", "ria_alpha", "ria_per_row",
+                 "dsnot_var_power", "dsnot_same_sign", "ria_alpha", "ria_per_row", "permute_channels",
                  "layer_ratios", "owl_m", "owl_lambda")
 
 

@@ -9,7 +9,8 @@ multiplies by ``sqrt(scaler_row_j) ^ a`` (``scaler_row`` = Wanda's ``sum x_j^2 /
 which is ``||X_j||^a`` up to one factor per matrix: the same ranking; so does this module.
 Unstructured: as the reference's default, one comparison group per matrix
 (``ria_per_row=False``; its ``--per_outneuron`` is ``ria_per_row=True``). N:M: each group of
-``m`` inputs of a row loses ``m - n``. The channel permutation of RIA is not here.
+``m`` inputs of a row loses ``m - n``. RIA's channel permutation is ``llmprune.solvers.permute``
+(``--permute-channels``).
 """
 
 from __future__ import annotations

@@ -137,6 +137,17 @@ def _role(name: str) -> str | None:
     return _ROLES.get(".".join(parts[-2:])) or _ROLES.get(parts[-1])
 
 
+def matrices_by_role(layer: nn.Module) -> dict[str, list[PrunableMatrix]]:
+    """The layer's dense (non-expert) prunable matrices under their role in the quirk table
+    (``"q"``, ``"qkv"``, ``"o"``, ``"ffn_in"``, ``"gate_up"``, ``"ffn_out"``, ...); matrices of
+    no known role are left out."""
+    by_role: dict[str, list[PrunableMatrix]] = {}
+    for matrix in prunable_matrices(layer):
+        if not matrix.is_expert and _role(matrix.name):
+            by_role.setdefault(_role(matrix.name), []).append(matrix)
+    return by_role
+
+
 def read_sizes(config) -> Sizes:
     """Hidden size, heads, KV heads, head_dim and the FFN width (with the field holding it)."""
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -190,7 +201,8 @@ def _heads_group(by_role: dict[str, list[PrunableMatrix]], s: Sizes) -> Group:
     return Group("heads", s.kv_heads, q_width, tuple(cuts), consumer)
 
 
-def _ffn_group(by_role: dict[str, list[PrunableMatrix]], s: Sizes) -> Group:
+def ffn_group(by_role: dict[str, list[PrunableMatrix]], s: Sizes) -> Group:
+    """The ``ffn`` group from :func:`matrices_by_role`; ValueError when the layout is not known."""
     if s.ffn is None:
         raise ValueError(f"the config has none of the FFN width fields {', '.join(FFN_SIZE_FIELDS)}")
     cuts: list[Cut] = []
@@ -229,13 +241,10 @@ def find_groups(model: nn.Module) -> ModelGroups:
     found: dict[str, list] = {"heads": [], "ffn": []}
     why: dict[str, str | None] = {"heads": None, "ffn": None}
     for index, layer in enumerate(layers):
-        by_role: dict[str, list[PrunableMatrix]] = {}
-        for matrix in prunable_matrices(layer):
-            if matrix.expert is None and not matrix.is_expert and _role(matrix.name):
-                by_role.setdefault(_role(matrix.name), []).append(matrix)
+        by_role = matrices_by_role(layer)
         if any(m.is_expert for m in prunable_matrices(layer)):
             why["ffn"] = why["ffn"] or f"layer {index} has a mixture-of-experts FFN (experts are not cut by channel)"
-        for kind, build in (("heads", _heads_group), ("ffn", _ffn_group)):
+        for kind, build in (("heads", _heads_group), ("ffn", ffn_group)):
             if why[kind] is not None:
                 continue
             try:
