@@ -79,11 +79,12 @@ def test_cli_recipe_best_on_magnitude_is_one_line_and_exit_2(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_recipe_is_recorded_in_the_results(tiny_llama_dir, texts, tmp_path, one_thread):
+def test_recipe_is_recorded_in_the_results(tiny_llama_dir, ptb_train_text, tmp_path, one_thread):
     from llmprune.pipeline import prune
 
-    results = tmp_path / "r.json"
-    prune(str(tiny_llama_dir), method="wanda", pattern="2:4", dataset=texts["train"], nsamples=4, seqlen=32,
+    results, calib = tmp_path / "r.json", tmp_path / "calib.txt"
+    calib.write_text(ptb_train_text[:60_000])
+    prune(str(tiny_llama_dir), method="wanda", pattern="2:4", dataset=str(calib), nsamples=4, seqlen=32,
           eval="none", dense_eval=False, device="cpu", progress=False, recipe="best", results=str(results))
     recipe = json.loads(results.read_text())["recipe"]
     expected = recipe_options("best", "wanda", "2:4", None)

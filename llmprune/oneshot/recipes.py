@@ -49,10 +49,10 @@ RECIPES: dict[str, list[Rule]] = {"none": [], "best": [
     Rule("wanda", False, {"update": "exact"}, evidence=(
         "evals/results/options_smollm2-2026-12-02.json: 50 % PTB 147.68 -> 109.35 (0.925x SparseGPT), 70 % 1458.55 -> 274.34 (0.896x), "
         "1.5-1.6x SparseGPT's time; beats owl+ria+dsnot+exact at both (0.940x, 0.956x)")),
-    Rule("sparsegpt", True, {"update": "exact"}, evidence=(
+    Rule("sparsegpt", True, {"update": "exact", "permute_channels": True}, evidence=(
         "not measured at N:M on the table yet: the exact update's unstructured gains above, and "
         "--permute-channels on Wanda 2:4 (PTB 398.4 -> 345.2, 4,096 tokens)")),
-    Rule("wanda", True, {"update": "exact"}, evidence=(
+    Rule("wanda", True, {"update": "exact", "permute_channels": True}, evidence=(
         "not measured at N:M on the table yet: the exact update's unstructured gains above, and "
         "--permute-channels on Wanda 2:4 (PTB 398.4 -> 345.2, 4,096 tokens)")),
 ]}
