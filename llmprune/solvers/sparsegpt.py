@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from llmprune.errors import UsageError, check_int
+from llmprune.errors import UsageError, all_finite, check_int
 from llmprune.solvers.masks import (
     SolveResult,
     check_weight,
@@ -86,7 +86,7 @@ def inverse_hessian(hessian: Tensor, percdamp: float = 0.01, device: torch.devic
         raise UsageError(f"percdamp must be a finite number >= 0, got {percdamp!r}")
     device = hessian.device if device is None else torch.device(device)
     diag = hessian.detach().diagonal().to(device=device, dtype=torch.float32, copy=True)  # (in,)
-    if not bool(torch.isfinite(hessian).all()) or bool((diag < 0).any()):
+    if not all_finite(hessian) or bool((diag < 0).any()):
         raise ValueError("hessian must be finite with a non-negative diagonal")
     dead = diag == 0  # input channels that never saw a non-zero activation
     diag[dead] = 1.0
@@ -464,7 +464,7 @@ def _upper_cholesky_of_inverse(hessian: Tensor, diag: Tensor, percdamp: float) -
             del eye, L
             U, info = torch.linalg.cholesky_ex(inverse, upper=True)
             del inverse
-            if int(info) == 0 and bool(torch.isfinite(U).all()):
+            if int(info) == 0 and all_finite(U):
                 return U
         if attempt == _DAMP_RETRIES:
             break
