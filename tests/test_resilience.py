@@ -264,6 +264,27 @@ def test_nan_in_calibration_names_layer_and_module(tiny_llama_dir, texts, one_th
                        **fast(texts, method="wanda", pattern="2:4", eval="none"))
 
 
+def test_nan_in_pruned_outputs_names_layer_and_window(tiny_llama_dir, texts, one_thread):
+    """The propagation's check (one fp32 sum per output, see errors.all_finite) still reports a
+    single NaN with its layer and window."""
+    model = tf.AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    tokenizer = tf.AutoTokenizer.from_pretrained(tiny_llama_dir)
+    calls = []
+
+    def nan_in_second_window(module, args, output):
+        if bool((module.mlp.down_proj.weight == 0).any()):  # pruned: the propagation
+            calls.append(None)
+            if len(calls) == 2:
+                hidden = output[0] if isinstance(output, tuple) else output
+                hidden[0, 1, 2] = float("nan")
+        return output
+
+    model.model.layers[1].register_forward_hook(nan_in_second_window)
+    with pytest.raises(ValueError, match=r"layer 1: non-finite outputs after pruning \(sample 1\)"):
+        llmprune.prune("tiny", loaded_model=model, tokenizer=tokenizer,
+                       **fast(texts, method="wanda", pattern="2:4", eval="none"))
+
+
 def test_out_of_memory_in_a_layer_names_it_and_the_option(tiny_llama_dir, texts, monkeypatch, one_thread):
     model = tf.AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     tokenizer = tf.AutoTokenizer.from_pretrained(tiny_llama_dir)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmprune.calibration.statistics import ColumnNormStat, HessianStat
+from llmprune.calibration.statistics import ColumnNormStat, HessianMomentsStat, HessianStat
+from llmprune.errors import all_finite
 
 IN = 6
 
@@ -133,3 +134,56 @@ def test_load_sums_rejects_bad_input_and_zero_samples_leave_it_empty(cls):
     stat.load_sums(torch.zeros(shape), 0, 0)
     with pytest.raises(ValueError, match="no activations"):
         stat.value()
+
+
+@pytest.mark.parametrize("cls", [HessianStat, HessianMomentsStat])
+def test_hessian_strips_equal_the_full_product_when_read_between_updates(cls):
+    """The Hessian adds only its upper block triangle per update and mirrors when read: read
+    it mid-stream, update again, read through to_sums before value(), and after load_sums
+    continue accumulating; every read equals the full product from the definition. Width 37:
+    strips of 9, 9, 9, 10 columns. fp32 sums of <= 40 unit-scale products: relative rounding
+    ~1e-6, so 1e-5 (the bound of the tests above) is not loose."""
+    width = 37
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randn(1, 8, width, generator=gen) for _ in range(5)]
+
+    def direct(upto):
+        X = torch.cat([b.double().reshape(-1, width) for b in batches[:upto]])
+        if cls is HessianMomentsStat:
+            X = torch.cat([X, torch.ones(X.shape[0], 1, dtype=X.dtype)], dim=1)
+        return 2.0 / upto * X.T @ X  # one sample per batch
+
+    stat = cls(width)
+    for b in batches[:2]:
+        stat.update(b)
+    torch.testing.assert_close(stat.value().double(), direct(2), rtol=1e-5, atol=1e-5)
+    stat.update(batches[2])
+    total, n_samples, n_tokens = stat.to_sums()  # no value() since the last update
+    torch.testing.assert_close(total.double() * (2.0 / n_samples), direct(3), rtol=1e-5, atol=1e-5)
+    resumed = cls(width)
+    resumed.load_sums(total, n_samples, n_tokens)
+    for b in batches[3:]:
+        resumed.update(b)
+    H = resumed.value()
+    torch.testing.assert_close(H.double(), direct(5), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(H, H.T, rtol=0, atol=1e-5)  # symmetric (the diagonal blocks to rounding)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_all_finite_agrees_with_the_entrywise_check(dtype):
+    big = torch.finfo(dtype).max
+    cases = {
+        "ordinary": torch.randn(3, 5).to(dtype),
+        "empty": torch.empty(0, 4, dtype=dtype),
+        "sum overflows": torch.full((4, 3), big, dtype=dtype),  # finite entries, non-finite sum
+        "cancelling infs": torch.tensor([float("inf"), -float("inf")], dtype=dtype),
+    }
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.full((2, 3, 4), big, dtype=dtype)  # an overflowing sum must not hide it
+        x[1, 2, 3] = bad
+        cases[f"{bad} among huge"] = x
+        y = torch.randn(7).to(dtype)
+        y[4] = bad
+        cases[f"{bad}"] = y
+    for name, x in cases.items():
+        assert all_finite(x) == bool(torch.isfinite(x).all()), name

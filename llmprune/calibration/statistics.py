@@ -12,10 +12,10 @@ pruned to free it.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
+
+from llmprune.errors import all_finite
 
 
 class _InputStat:
@@ -35,7 +35,7 @@ class _InputStat:
                 f"{type(self).__name__}: expected float activations [..., {self.in_features}], "
                 f"got shape {tuple(x.shape)} dtype {x.dtype}"
             )
-        if not bool(torch.isfinite(x).all()):
+        if not all_finite(x):
             raise ValueError(
                 f"{type(self).__name__}: non-finite activations (NaN or Inf) in an input of shape "
                 f"{tuple(x.shape)} dtype {x.dtype}; the model overflows on the calibration data "
@@ -49,15 +49,16 @@ class _InputStat:
         """Add one calibration forward's inputs. x: [..., in], any float dtype and device; not modified.
         Raises ValueError on a shape mismatch or NaN/Inf.
 
-        The running mean is kept as the references keep it: rescaled by ``n / (n + samples)``,
-        then the new tokens' contribution divided by the new ``n`` is added (``_add``)."""
+        The running mean is kept as the references keep it: rescaled by ``n / (n + samples)``
+        (``kept``), then the new tokens' contribution divided by the new ``n`` is added
+        (``_add(tokens, kept)`` does both)."""
         tokens, samples = self._tokens(x)  # (T, in) fp32
         if tokens.shape[0] == 0:
             return
-        self._mean *= self.n_samples / (self.n_samples + samples)
+        kept = self.n_samples / (self.n_samples + samples)
         self.n_samples += samples
         self.n_tokens += tokens.shape[0]
-        self._add(tokens)
+        self._add(tokens, kept)
 
     def _check_ready(self) -> None:
         if self.n_samples == 0:
@@ -75,26 +76,58 @@ class _InputStat:
             )
 
 
+# Row strips of the Hessian's upper block triangle computed per update (HessianStat._add):
+# (k + 1) / (2k) of the full product's flops. Measured on CPU (1 thread, 512-token windows):
+# in = 576 3.7 -> 2.4 ms, in = 1536 27.6 -> 17.3 ms per window at k = 4; k = 3 and 6 slower.
+_STRIPS = 4
+
+
 class HessianStat(_InputStat):
-    """SparseGPT's Hessian ``H = (2 / n_samples) * sum X^T X`` over all input tokens X [tokens, in]."""
+    """SparseGPT's Hessian ``H = (2 / n_samples) * sum X^T X`` over all input tokens X [tokens, in].
+
+    Each update adds only the upper block triangle of ``X^T X`` (``_STRIPS`` row strips, each
+    from its diagonal block to the last column); the blocks below the diagonal blocks are
+    copied from their mirror images once, when the value is read (:meth:`value`,
+    :meth:`to_sums`). The diagonal blocks are computed whole, so the entries equal the full
+    product's up to fp32 summation order.
+    """
 
     def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
         super().__init__(in_features, device)
         self._mean = torch.zeros(in_features, in_features, dtype=torch.float32, device=self.device)
+        self._mirrored = True  # the blocks below the diagonal blocks are up to date
 
-    def _add(self, tokens: Tensor) -> None:
-        tokens = tokens * math.sqrt(2 / self.n_samples)
-        self._mean.addmm_(tokens.T, tokens)
+    def _strips(self) -> list[tuple[int, int]]:
+        width = self._mean.shape[0]
+        edges = [width * s // _STRIPS for s in range(_STRIPS + 1)]
+        return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+    def _add(self, tokens: Tensor, kept: float) -> None:
+        # The rescaling rides on the strips' products (beta); the blocks below the diagonal
+        # blocks are left stale until _mirror. No scaled copy of the tokens: alpha scales.
+        alpha = 2 / self.n_samples
+        for a, b in self._strips():
+            self._mean[a:b, a:].addmm_(tokens[:, a:b].T, tokens[:, a:], beta=kept, alpha=alpha)
+        self._mirrored = False
+
+    def _mirror(self) -> None:
+        """Fill the blocks below the diagonal blocks from the ones above (after updates)."""
+        if not self._mirrored:
+            for a, b in self._strips():
+                self._mean[b:, a:b].copy_(self._mean[a:b, b:].T)
+            self._mirrored = True
 
     def value(self) -> Tensor:
         """[in, in] fp32 on ``device``, symmetric. The live buffer: do not modify it."""
         self._check_ready()
+        self._mirror()
         return self._mean
 
     def to_sums(self) -> tuple[Tensor, int, int]:
         """The statistic as quantities that add over disjoint sets of samples (one per rank):
         ``(sum X^T X [in, in] fp32 on device, n_samples, n_tokens)``. The tensor is a new one
         (``value() * n_samples / 2``); all zeros when nothing was accumulated."""
+        self._mirror()
         return self._mean * (self.n_samples / 2), self.n_samples, self.n_tokens
 
     def load_sums(self, total: Tensor, n_samples: int, n_tokens: int) -> None:
@@ -109,6 +142,7 @@ class HessianStat(_InputStat):
         else:
             self._mean.zero_()
         self.n_samples, self.n_tokens = n_samples, n_tokens
+        self._mirrored = True
 
 
 class ColumnNormStat(_InputStat):
@@ -118,7 +152,8 @@ class ColumnNormStat(_InputStat):
         super().__init__(in_features, device)
         self._mean = torch.zeros(in_features, dtype=torch.float32, device=self.device)
 
-    def _add(self, tokens: Tensor) -> None:
+    def _add(self, tokens: Tensor, kept: float) -> None:
+        self._mean *= kept
         self._mean += tokens.square().sum(dim=0) / self.n_samples
 
     def value(self) -> Tensor:
@@ -160,7 +195,8 @@ class ColumnMomentsStat(_InputStat):
         super().__init__(in_features, device)
         self._mean = torch.zeros(2, in_features, dtype=torch.float32, device=self.device)
 
-    def _add(self, tokens: Tensor) -> None:
+    def _add(self, tokens: Tensor, kept: float) -> None:
+        self._mean *= kept
         self._mean[0] += tokens.sum(dim=0) / self.n_samples
         self._mean[1] += tokens.square().sum(dim=0) / self.n_samples
 
@@ -205,14 +241,15 @@ class HessianMomentsStat(HessianStat):
         super().__init__(in_features, device)
         self._mean = torch.zeros(in_features + 1, in_features + 1, dtype=torch.float32, device=self.device)
 
-    def _add(self, tokens: Tensor) -> None:
+    def _add(self, tokens: Tensor, kept: float) -> None:
         ones = torch.ones(tokens.shape[0], 1, dtype=tokens.dtype, device=tokens.device)
-        super()._add(torch.cat([tokens, ones], dim=1))  # (T, in + 1)
+        super()._add(torch.cat([tokens, ones], dim=1), kept)  # (T, in + 1)
 
     def value(self) -> Tensor:
         """[in + 1, in + 1] fp32 on ``device``, symmetric (see the class). The live buffer: do
         not modify it; :meth:`split` reads it."""
         self._check_ready()
+        self._mirror()
         return self._mean
 
     def load_sums(self, total: Tensor, n_samples: int, n_tokens: int) -> None:
@@ -224,6 +261,7 @@ class HessianMomentsStat(HessianStat):
         else:
             self._mean.zero_()
         self.n_samples, self.n_tokens = n_samples, n_tokens
+        self._mirrored = True
 
     @staticmethod
     def split(value: Tensor) -> tuple[Tensor, Tensor]:

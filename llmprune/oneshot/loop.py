@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from llmprune.calibration.capture import CapturedCalls, LayerCall
 from llmprune.calibration.collector import StatisticsCollector, StatisticsComplete
 from llmprune.calibration.statistics import ColumnNormStat
+from llmprune.errors import all_finite
 from llmprune.models.architecture import PrunableMatrix, prunable_matrices
 from llmprune.oneshot import refine
 from llmprune.oneshot.methods import Method
@@ -178,7 +179,7 @@ class LayerLoop:
                     for i, call in enumerate(captured.calls[index]):
                         result = call.call(layer, hidden[i])
                         collector.end_sample()
-                        if not torch.isfinite(result).all():
+                        if not all_finite(result):
                             raise ValueError(f"layer {index}: non-finite dense outputs (window {i})")
                         hidden[i] = result
                 scores = []
@@ -284,7 +285,7 @@ class LayerLoop:
     def _solve_groups(self, collector, to_solve, matrices, layer, index: int, report: LayerReport) -> None:
         for members, stat in self._statistics_to_solve(collector, to_solve, matrices):
             statistic = stat.value() if stat.n_samples else None
-            if statistic is not None and not bool(torch.isfinite(statistic).all()):
+            if statistic is not None and not all_finite(statistic):
                 names = ", ".join(m.name for m in members)
                 raise ValueError(f"layer {index} {names}: the calibration statistic overflowed to Inf/NaN "
                                  "(activations too large for fp32 sums)")
@@ -335,7 +336,7 @@ class LayerLoop:
         with torch.no_grad():
             for i, call in enumerate(calls):
                 out = call.call(layer, hidden[i])
-                if not torch.isfinite(out).all():
+                if not all_finite(out):
                     raise ValueError(f"layer {index}: non-finite outputs after pruning (sample {i})")
                 if dense_out is not None:
                     dense = dense_out[i].float()
@@ -429,6 +430,6 @@ def _propagate(layer: nn.Module, index: int, calls: list[LayerCall], hidden, wha
     with torch.no_grad():
         for i, call in enumerate(calls):
             out = call.call(layer, hidden[i])
-            if not torch.isfinite(out).all():
+            if not all_finite(out):
                 raise ValueError(f"layer {index}: non-finite outputs ({what}, window {i})")
             hidden[i] = out

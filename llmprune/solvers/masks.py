@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from llmprune.errors import UsageError
+from llmprune.errors import UsageError, all_finite
 from llmprune.patterns import NM, Pattern, Unstructured
 
 
@@ -141,7 +141,7 @@ def check_weight(weight: Tensor, pattern: Pattern) -> None:
             f"pattern {pattern} needs in_features divisible by {pattern.m}, but the weight "
             f"[out_features, in_features] has shape {tuple(weight.shape)}"
         )
-    if not bool(torch.isfinite(weight).all()):
+    if not all_finite(weight):
         raise ValueError(f"weight of shape {tuple(weight.shape)} contains NaN or Inf")
 
 

@@ -6,7 +6,10 @@ block mask removes exactly ``int(block_numel * sparsity)`` weights (the referenc
 ``score <= sorted[k]`` removes k + 1, more on ties); ties go to the lower index; H^-1 comes
 from ``cholesky_solve`` (see ``_upper_cholesky_of_inverse``); a failed Cholesky is retried with
 more dampening instead of crashing (IST) or silently using the identity (llm-compressor).
-With the mask rule aside, the output matches the IST procedure to fp32 rounding.
+With the mask rule aside, the output matches the IST procedure to fp32 rounding. The
+unquantized sweep runs panel-wise (``_sweep_block``; the paper's column loop
+``_sweep_columns`` is kept as its test oracle): the same arithmetic in another summation order,
+so the weights differ from the column loop's in the last bits.
 
 ``sparsegpt_prune(..., quant=QuantConfig(...))`` quantizes inside the same sweep (GPTQ,
 Frantar et al. 2023, IST-DASLab/gptq ``GPTQ.fasterquant``); ``_quantized_sweep`` is that sweep,
@@ -25,7 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from llmprune.errors import UsageError, check_int
+from llmprune.errors import UsageError, all_finite, check_int
 from llmprune.solvers.masks import (
     SolveResult,
     check_weight,
@@ -83,7 +86,7 @@ def inverse_hessian(hessian: Tensor, percdamp: float = 0.01, device: torch.devic
         raise UsageError(f"percdamp must be a finite number >= 0, got {percdamp!r}")
     device = hessian.device if device is None else torch.device(device)
     diag = hessian.detach().diagonal().to(device=device, dtype=torch.float32, copy=True)  # (in,)
-    if not bool(torch.isfinite(hessian).all()) or bool((diag < 0).any()):
+    if not all_finite(hessian) or bool((diag < 0).any()):
         raise ValueError("hessian must be finite with a non-negative diagonal")
     dead = diag == 0  # input channels that never saw a non-zero activation
     diag[dead] = 1.0
@@ -198,7 +201,7 @@ def sparsegpt_prune(
             keep1 = torch.ones_like(W1, dtype=torch.bool)
         else:
             keep1 = keep_mask_unstructured(W1.square() / Hinv1.diagonal().square(), float(pattern.sparsity))
-        Err1 = _sweep_columns(W1, keep1, Hinv1, pattern)
+        Err1 = _sweep_block(W1, keep1, Hinv1, pattern)
         loss += Err1.square().sum(dtype=torch.float64) / 2
         W[:, i1:i2] = W1
         keep[:, i1:i2] = keep1
@@ -209,10 +212,60 @@ def sparsegpt_prune(
     return SolveResult(out, keep, float(loss))
 
 
+# Columns per panel of :func:`_sweep_block`: each column's rank-1 update stays inside its
+# panel, the rest of the block gets one matmul per panel. Measured on CPU (1 thread, SmolLM2
+# shapes 576 x 576, 1536 x 576, 576 x 1536, unstructured 50 % and 2:4): 16 and 32 within noise
+# of each other and 1.2-1.7x faster than the whole block (128) as one panel; 64 in between.
+_PANEL = 32
+
+
+def _sweep_block(W1: Tensor, keep1: Tensor, Hinv1: Tensor, pattern: Pattern) -> Tensor:
+    """The sweep of :func:`_sweep_columns` (same arguments, same in-place results, same
+    return), reorganised for speed; the same arithmetic up to fp32 summation order.
+
+    The block is held transposed, so each column is a contiguous row and costs two tensor
+    operations: its scaled error ``e_i = p_i w_i / d_i`` (``p_i`` = 1 where pruned; for N:M the
+    mask of an m-group is chosen from the group's current weights with the same score as the
+    column loop, when the sweep reaches it) and its rank-1 update of the later columns of its
+    panel of ``_PANEL`` columns; when a panel is done, the block's columns after it are
+    updated by one matmul with the panel's errors. Kept weights end with every earlier
+    column's update, pruned ones exactly 0, as in the column loop.
+    """
+    b = W1.shape[1]
+    nm = isinstance(pattern, NM)
+    V = W1.T.contiguous()  # (b, out): row i is the block's column i
+    E = torch.empty_like(V)  # (b, out): scaled errors, row i for column i
+    d1 = Hinv1.diagonal()  # (b,)
+    if nm:
+        scale = torch.empty_like(V)  # rows filled in per m-group below
+        panel = max(1, _PANEL // pattern.m) * pattern.m  # panels start at multiples of m
+    else:
+        scale = (~keep1).T.to(V.dtype).div_(d1.unsqueeze(1))  # (b, out): p_i / d_i
+        panel = _PANEL
+    v_rows, e_rows, s_rows, h_rows = V.unbind(0), E.unbind(0), scale.unbind(0), Hinv1.unbind(0)
+    for p1 in range(0, b, panel):
+        p2 = min(p1 + panel, b)
+        for i in range(p1, p2):
+            if nm and i % pattern.m == 0:
+                j = i + pattern.m
+                keep1[:, i:j] = keep_mask_nm(V[i:j].T.square() / d1[i:j].square(), pattern.n, pattern.m)
+                torch.div((~keep1[:, i:j]).T, d1[i:j].unsqueeze(1), out=scale[i:j])
+            torch.mul(v_rows[i], s_rows[i], out=e_rows[i])
+            if i + 1 < p2:
+                V[i + 1 : p2].addr_(h_rows[i][i + 1 : p2], e_rows[i], alpha=-1.0)
+        if p2 < b:
+            V[p2:].addmm_(Hinv1[p1:p2, p2:].T, E[p1:p2], alpha=-1.0)
+    W1.copy_(V.T).masked_fill_(~keep1, 0)
+    return E.T
+
+
 def _sweep_columns(W1: Tensor, keep1: Tensor, Hinv1: Tensor, pattern: Pattern) -> Tensor:
     """The paper's sweep over one block, one column at a time. W1 [out, b] is updated in place
     to the pruned block; keep1 [out, b] (filled in group by group for N:M) likewise. Returns
-    the scaled errors Err1 [out, b] for the lazy update of the later blocks."""
+    the scaled errors Err1 [out, b] for the lazy update of the later blocks.
+
+    The solver uses :func:`_sweep_block`, the same sweep organised for speed; this one is its
+    test oracle (tests/test_fast_sparsegpt.py)."""
     d1 = Hinv1.diagonal()  # (b,)
     Err1 = torch.zeros_like(W1)
     for i in range(W1.shape[1]):
@@ -411,7 +464,7 @@ def _upper_cholesky_of_inverse(hessian: Tensor, diag: Tensor, percdamp: float) -
             del eye, L
             U, info = torch.linalg.cholesky_ex(inverse, upper=True)
             del inverse
-            if int(info) == 0 and bool(torch.isfinite(U).all()):
+            if int(info) == 0 and all_finite(U):
                 return U
         if attempt == _DAMP_RETRIES:
             break
