@@ -100,23 +100,20 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         ref = reference.get(r["setting"])
 
-        def ratio(key: str, source: str | None = None) -> str:
-            if ref is None:
-                return "-"
-            a, b = (r["ppl"][source], ref["ppl"][source]) if source else (r[key], ref[key])
-            return f"{a / b:.3f}"
+        def ratio(value: float, reference: float) -> str:
+            return "-" if ref is None else f"{value / reference:.3f}"
 
         lines.append(f"| {r['setting']} | {NAMES.get(r['method'], r['method'])} | {r['options']} "
-                     f"| {r['ppl']['ptb']:.2f} | {ratio('', 'ptb')} | {r['ppl']['wiki-summaries']:.2f} "
-                     f"| {ratio('', 'wiki-summaries')} | {r['prune_seconds']:.0f} | {r['prune_cpu_seconds']:.0f} "
-                     f"| {ratio('prune_cpu_seconds')} |")
+                     + "".join(f"| {r['ppl'][s]:.2f} | {ratio(r['ppl'][s], ref and ref['ppl'][s])} " for s in SOURCES)
+                     + f"| {r['prune_seconds']:.0f} | {r['prune_cpu_seconds']:.0f} "
+                     f"| {ratio(r['prune_cpu_seconds'], ref and ref['prune_cpu_seconds'])} |")
     return "\n".join(lines)
 
 
-def goals(rows: list[dict], recipe: dict[str, dict[str, str]] | None = None) -> dict:
+def goals(rows: list[dict]) -> dict:
     """Per setting: the best row within 3x SparseGPT's pruning CPU time, its perplexity ratio
     to plain SparseGPT on each source, and the issue's goal (50 %: 0.95, 2:4: 0.90, 70 %: 0.70;
-    4:8 has none). ``recipe``: ``{setting: {method: options}}``, also reported when given."""
+    4:8 has none)."""
     target = {"50%": 0.95, "2:4": 0.90, "70%": 0.70}
     out = {}
     for setting in SETTINGS:
