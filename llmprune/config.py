@@ -73,6 +73,8 @@ class PruneConfig:
         "where decoder layers wait while not processed: cpu (whole model in host memory) or disk (model built "
         "on the meta device, each layer read from the safetensors shards only while processed)",
     )
+    calib_batch_size: int = _opt(1, "calibration windows per forward call of a decoder layer (same statistics to fp32 "
+                                 "rounding); 1 is fastest on this project's CPU (evals/bench_calib_batch.py)")
     offload_activations: str = _opt("device", "where calibration hidden states live: device, cpu or disk (a file in the work folder)")
     work_dir: str | None = _opt(None, "folder for per-layer state (pruned layers, progress); makes the run resumable")
     resume: bool = _opt(False, "continue the run recorded in --work-dir from its first unfinished layer")

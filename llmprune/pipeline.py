@@ -147,6 +147,7 @@ def prune(
     device: str = "auto",
     offload: str = "cpu",
     offload_activations: str = "device",
+    calib_batch_size: int = 1,
     work_dir: str | None = None,
     resume: bool = False,
     dtype: str = "auto",
@@ -239,7 +240,7 @@ def _validate(config: PruneConfig) -> Pattern:
     if config.owl.active and not isinstance(pattern, Unstructured):  # UsageError for bad --owl-* values first
         raise UsageError(f"--layer-ratios owl needs --pattern unstructured, got {pattern}: N:M fixes every "
                          "layer's sparsity; use --layer-ratios uniform")
-    for name in ("nsamples", "seqlen", "eval_seqlen", "max_eval_tokens"):
+    for name in ("nsamples", "seqlen", "calib_batch_size", "eval_seqlen", "max_eval_tokens"):
         check_int("--" + name.replace("_", "-"), getattr(config, name), optional=name.startswith(("eval", "max")))
     if config.save is not None:
         check_output_dir(config.save, config.overwrite)
@@ -478,6 +479,7 @@ class _Run:
             streams=self.streams, start=first_layer,
             on_layer_done=self.layer_done, show_progress=self.config.progress and self.group.is_main, group=self.group,
             quant=self.config.quant, refinements=self.config.refinements, permute=self.result.permutation,
+            calib_batch_size=self.config.calib_batch_size,
         )
         self.loop = loop
         if self.work is not None and self.group.is_main and self.config.quant is not None:

@@ -286,3 +286,70 @@ def test_pattern_that_does_not_divide_names_the_layer():
     _, layers = find_decoder_layers(model)
     with pytest.raises(UsageError, match=r"layer 0 self_attn.q_proj.*64.*multiple of 48"):
         check_pattern_fits(layers, NM(3, 48))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_batched_calibration_gives_the_statistics_of_one_window_at_a_time(family, method):
+    # --calib-batch-size 3 over 5 windows: forwards of windows 0-2 and 3-4. Nothing is pruned
+    # (sparsity 0), so both runs see the same inputs in every layer, and every statistic must
+    # equal the one-window-at-a-time statistic to fp32 rounding (another summation order),
+    # with the same sample counts; the propagated hidden states too.
+    ids = tokens(5)
+    runs = {}
+    for batch_size in (1, 3):
+        model = build(family)
+        _, layers = find_decoder_layers(model)
+        captured = capture_layer_calls(model, layers, ids, torch.device("cpu"), show_progress=False)
+        seen, forwards = [], []
+
+        class Recording(METHODS[method].statistic):
+            def value(self):
+                out = super().value()
+                seen.append((self.n_samples, self.n_tokens, out.clone()))
+                return out
+
+        handle = layers[0].register_forward_pre_hook(lambda module, args: forwards.append(1))
+        recording = dataclasses.replace(METHODS[method], statistic=Recording)
+        LayerLoop(layers, recording, Unstructured(0.0), torch.device("cpu"), show_progress=False,
+                  calib_batch_size=batch_size).run(captured)
+        handle.remove()
+        runs[batch_size] = seen, captured.hidden, len(forwards)
+    (one, one_hidden, one_forwards), (batched, batched_hidden, batched_forwards) = runs[1], runs[3]
+    assert (one_forwards, batched_forwards) == (2 * 5, 2 * 2)  # statistics + propagation forwards of layer 0
+    assert len(one) == len(batched) > 0
+    for (n1, t1, v1), (n3, t3, v3) in zip(one, batched):
+        assert (n1, t1) == (n3, t3) == (5, 5 * ids.shape[1])
+        if v1.dim() == 2:  # a Hessian: rounding is relative to the entry's Cauchy-Schwarz bound
+            bound = 1e-5 * (v1.diagonal().unsqueeze(1) * v1.diagonal().unsqueeze(0)).sqrt() + 1e-9
+            assert bool(((v3 - v1).abs() <= bound).all()), float(((v3 - v1).abs() / bound).max())
+        else:
+            torch.testing.assert_close(v3, v1, rtol=1e-5, atol=1e-7)
+    for a, b in zip(one_hidden, batched_hidden):
+        assert a.shape == b.shape == (1, ids.shape[1], 64)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_batched_calibration_prunes_like_one_window_at_a_time():
+    # A real pruning run (Wanda 2:4, SparseGPT 50 %) with 4 windows per forward: the same masks
+    # as one window per forward on this model (statistics equal to rounding), weights to rounding.
+    ids = tokens(6)
+    for method, pattern in (("wanda", NM(2, 4)), ("sparsegpt", Unstructured(0.5))):
+        weights = {}
+        for batch_size in (1, 4):
+            model = build("llama")
+            _, layers = find_decoder_layers(model)
+            captured = capture_layer_calls(model, layers, ids, torch.device("cpu"), show_progress=False)
+            LayerLoop(layers, METHODS[method], pattern, torch.device("cpu"), show_progress=False,
+                      calib_batch_size=batch_size).run(captured)
+            weights[batch_size] = [m.read_weight().clone() for layer in layers for m in prunable_matrices(layer)]
+        for a, b in zip(weights[1], weights[4]):
+            assert torch.equal(a == 0, b == 0), method
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_calib_batch_size_must_be_positive():
+    from llmprune.pipeline import prune
+
+    with pytest.raises(UsageError, match=r"--calib-batch-size must be a positive integer, got 0"):
+        prune("smollm2-135m", sparsity=0.5, calib_batch_size=0)

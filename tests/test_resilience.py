@@ -280,7 +280,7 @@ def test_nan_in_pruned_outputs_names_layer_and_window(tiny_llama_dir, texts, one
         return output
 
     model.model.layers[1].register_forward_hook(nan_in_second_window)
-    with pytest.raises(ValueError, match=r"layer 1: non-finite outputs after pruning \(sample 1\)"):
+    with pytest.raises(ValueError, match=r"layer 1: non-finite outputs after pruning \(window 1\)"):
         llmprune.prune("tiny", loaded_model=model, tokenizer=tokenizer,
                        **fast(texts, method="wanda", pattern="2:4", eval="none"))
 

@@ -41,6 +41,52 @@ class LayerCall:
         # transformers >= 5 decoder layers return a tensor; older ones a tuple.
         return out[0] if isinstance(out, (tuple, list)) else out
 
+    def widened(self, batch: int) -> LayerCall:
+        """This call for ``batch`` windows at once: every tensor argument with a leading
+        dimension of 1 and at least two dimensions (position ids, rotary tables, masks) expanded
+        to ``batch`` along it (a view, no copy); everything else as it is."""
+        return LayerCall(_widened(self.args, batch), _widened(self.kwargs, batch), self.hidden_key)
+
+
+def _widened(value: object, batch: int) -> object:
+    if isinstance(value, torch.Tensor):
+        return value.expand(batch, *value.shape[1:]) if value.dim() >= 2 and value.shape[0] == 1 else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_widened(v, batch) for v in value)
+    if isinstance(value, dict):
+        return {k: _widened(v, batch) for k, v in value.items()}
+    return value
+
+
+def window_batches(calls: list[LayerCall], size: int) -> list[tuple[range, LayerCall]]:
+    """Group consecutive calibration windows into forward calls of at most ``size`` windows
+    (``--calib-batch-size``): ``[(windows, call)]`` in window order. Windows share a batch only
+    when they share one :class:`LayerCall` (the capture stores equal arguments once, so equal-
+    length windows do); the call is then :meth:`LayerCall.widened` to the batch. ``size`` 1:
+    every window alone with its own call, exactly the unbatched forward."""
+    batches, start = [], 0
+    while start < len(calls):
+        stop = start + 1
+        while stop < len(calls) and stop - start < size and calls[stop] is calls[start]:
+            stop += 1
+        call = calls[start] if stop - start == 1 else calls[start].widened(stop - start)
+        batches.append((range(start, stop), call))
+        start = stop
+    return batches
+
+
+def stacked(hidden, windows: range) -> torch.Tensor:
+    """The hidden states of ``windows`` as one ``[len(windows), T, H]`` input (``hidden[i]`` is
+    ``[1, T, H]``); one window: its own tensor, not a copy."""
+    if len(windows) == 1:
+        return hidden[windows.start]
+    return torch.cat([hidden[i] for i in windows])
+
+
+def windows_text(windows: range) -> str:
+    """``"window 3"`` or ``"windows 0-7"``, for error messages."""
+    return f"window {windows.start}" if len(windows) == 1 else f"windows {windows.start}-{windows.stop - 1}"
+
 
 @dataclass
 class CapturedCalls:

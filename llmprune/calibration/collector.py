@@ -131,6 +131,10 @@ class StatisticsCollector:
         self._handles = []
         self._mode: _RoutedInputs | None = None
         self._saved_implementations: list[tuple[object, str]] = []
+        # Calibration windows in the current forward call (--calib-batch-size; the caller sets
+        # it): a 2-D [rows, in] input (OPT flattens [batch, T, H] before its MLP) is then read
+        # as [windows, rows / windows, in], so it still counts one sample per window.
+        self.windows_in_call = 1
 
     def __enter__(self) -> StatisticsCollector:
         for matrix in self.matrices:
@@ -249,8 +253,11 @@ class StatisticsCollector:
         self._updated.add((group, key))
         if group not in self.stats:
             self.stats[group] = self.stat_factory(matrix.in_features, x.device)
+        x = x.detach()
+        if self.windows_in_call > 1 and x.dim() == 2 and x.shape[0] % self.windows_in_call == 0:
+            x = x.view(self.windows_in_call, -1, x.shape[-1])
         try:
-            self.stats[group].update(x.detach())
+            self.stats[group].update(x)
         except ValueError as error:
             raise ValueError(f"{matrix.name}: {error}") from None
         if x.numel():

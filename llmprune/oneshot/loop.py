@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from llmprune.calibration.capture import CapturedCalls, LayerCall
+from llmprune.calibration.capture import CapturedCalls, LayerCall, stacked, window_batches, windows_text
 from llmprune.calibration.collector import StatisticsCollector, StatisticsComplete
 from llmprune.calibration.statistics import ColumnNormStat
 from llmprune.errors import all_finite
@@ -87,6 +87,10 @@ class LayerLoop:
     permute: ``llmprune.oneshot.permute.ChannelPermutation`` (``--permute-channels``): right
         before down_proj / o_proj is solved, the channels it reads are permuted (its columns,
         its statistic, the producers' rows); recorded in ``LayerReport.permutations``.
+    calib_batch_size: windows per forward call (``--calib-batch-size``;
+        ``llmprune.calibration.capture.window_batches``): the statistics are the same sums in
+        another order (equal to fp32 rounding), the outputs the same per window. Layers with
+        routed experts run one window per call (an expert's update counts one sample per call).
     """
 
     layers: nn.ModuleList
@@ -106,6 +110,7 @@ class LayerLoop:
     quant: object | None = None
     refinements: object | None = None
     permute: object | None = None
+    calib_batch_size: int = 1
 
     def __post_init__(self) -> None:
         from llmprune.runtime.layers import MemoryLayers
@@ -176,12 +181,13 @@ class LayerLoop:
                 matrices = prunable_matrices(layer, self.exclude)
                 collector = StatisticsCollector(matrices, ColumnNormStat, stop_early=False)
                 with collector, torch.no_grad():
-                    for i, call in enumerate(captured.calls[index]):
-                        result = call.call(layer, hidden[i])
+                    for windows, call in self._batches(captured.calls[index], matrices):
+                        collector.windows_in_call = len(windows)
+                        result = call.call(layer, stacked(hidden, windows))
                         collector.end_sample()
                         if not all_finite(result):
-                            raise ValueError(f"layer {index}: non-finite dense outputs (window {i})")
-                        hidden[i] = result
+                            raise ValueError(f"layer {index}: non-finite dense outputs ({windows_text(windows)})")
+                        _store(hidden, windows, result)
                 scores = []
                 for members, stat in self._statistics_to_solve(collector, range(len(collector.groups)), matrices,
                                                                ColumnNormStat):
@@ -237,7 +243,7 @@ class LayerLoop:
         layer = self.weights.load(index, self.device, pruned=True)
         report.seconds["load"] += time.perf_counter() - t0
         if captured is not None:
-            _propagate(layer, index, captured.calls[index], hidden, "calibration")
+            _propagate(layer, index, captured.calls[index], hidden, "calibration", self.calib_batch_size)
         return layer
 
     def _solve_without_data(self, layer: nn.Module, index: int, report: LayerReport) -> None:
@@ -258,16 +264,17 @@ class LayerLoop:
             collector.accumulate_only({step} if self.true_sequential else None)
             t0 = time.perf_counter()
             with collector, torch.no_grad():
-                for i, call in enumerate(calls):
+                for windows, call in self._batches(calls, matrices):
+                    collector.windows_in_call = len(windows)
                     try:
-                        out = call.call(layer, hidden[i])
+                        out = call.call(layer, stacked(hidden, windows))
                     except StatisticsComplete:
                         out = None  # the rest of this forward feeds no statistic
                     except ValueError as error:  # a statistic refused NaN/Inf inputs; it names the module
-                        raise ValueError(f"layer {index}, calibration window {i}: {error}") from error
+                        raise ValueError(f"layer {index}, calibration {windows_text(windows)}: {error}") from error
                     collector.end_sample()
                     if dense_out is not None and report.forward_passes == 0:
-                        dense_out[i] = out
+                        _store(dense_out, windows, out)
             report.forward_passes += 1
             _add_seconds(report, "statistics", t0)
             t0 = time.perf_counter()
@@ -334,16 +341,17 @@ class LayerLoop:
         t0 = time.perf_counter()
         err_num = err_den = 0.0
         with torch.no_grad():
-            for i, call in enumerate(calls):
-                out = call.call(layer, hidden[i])
+            for windows, call in self._batches(calls):
+                out = call.call(layer, stacked(hidden, windows))
                 if not all_finite(out):
-                    raise ValueError(f"layer {index}: non-finite outputs after pruning (sample {i})")
+                    raise ValueError(f"layer {index}: non-finite outputs after pruning ({windows_text(windows)})")
                 if dense_out is not None:
-                    dense = dense_out[i].float()
+                    dense = stacked(dense_out, windows).float()
                     err_num += (out.float() - dense).pow(2).sum().item()
                     err_den += dense.pow(2).sum().item()
-                    dense_out.clear(i)
-                hidden[i] = out
+                    for i in windows:
+                        dense_out.clear(i)
+                _store(hidden, windows, out)
         report.forward_passes += 1
         report.seconds["propagate"] = time.perf_counter() - t0
         if dense_out is None:
@@ -352,6 +360,12 @@ class LayerLoop:
         if self._distributed:
             err_num, err_den = self.group.sum_floats([err_num, err_den])
         report.output_rel_error = (err_num / err_den) ** 0.5 if err_den > 0 else 0.0
+
+    def _batches(self, calls: list[LayerCall], matrices: list[PrunableMatrix] = ()) -> list[tuple[range, LayerCall]]:
+        """The windows of one pass grouped by ``calib_batch_size``; one per call when
+        ``matrices`` (those accumulating statistics) include routed experts."""
+        experts = any(m.is_expert or m.expert is not None for m in matrices)
+        return window_batches(calls, 1 if experts else self.calib_batch_size)
 
     def _solve_matrix(self, layer_index: int, matrix: PrunableMatrix, prepared) -> MatrixReport:
         """Solve one matrix in place from its group's prepared statistic (``Method.prepared``;
@@ -425,11 +439,18 @@ def _add_seconds(report: LayerReport, phase: str, since: float) -> None:
     report.seconds[phase] = report.seconds.get(phase, 0.0) + time.perf_counter() - since
 
 
-def _propagate(layer: nn.Module, index: int, calls: list[LayerCall], hidden, what: str) -> None:
-    """Replace ``hidden[i]`` by the layer's output for window i, checking it is finite."""
+def _store(hidden, windows: range, out: torch.Tensor) -> None:
+    """``hidden[i] = out[j]`` (as ``[1, T, H]``) for the j-th window of a batched forward."""
+    for j, i in enumerate(windows):
+        hidden[i] = out[j:j + 1]
+
+
+def _propagate(layer: nn.Module, index: int, calls: list[LayerCall], hidden, what: str, batch_size: int = 1) -> None:
+    """Replace ``hidden[i]`` by the layer's output for window i, checking it is finite;
+    ``batch_size`` windows per forward call."""
     with torch.no_grad():
-        for i, call in enumerate(calls):
-            out = call.call(layer, hidden[i])
+        for windows, call in window_batches(calls, batch_size):
+            out = call.call(layer, stacked(hidden, windows))
             if not all_finite(out):
-                raise ValueError(f"layer {index}: non-finite outputs ({what}, window {i})")
-            hidden[i] = out
+                raise ValueError(f"layer {index}: non-finite outputs ({what}, {windows_text(windows)})")
+            _store(hidden, windows, out)
