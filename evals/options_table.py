@@ -7,6 +7,8 @@ Options (each a flag of ``python -m llmprune.sparsegpt | llmprune.wanda``):
 * ``dsnot`` ``--refine dsnot`` (training-free prune-and-grow of the mask)
 * ``exact`` ``--update exact`` (kept weights re-fitted on the final mask: ADMM + CG)
 * ``perm``  ``--permute-channels`` (N:M input-channel permutation folded into the model)
+* ``exact10`` the exact update at half its default iterations (``--exact-iters 10 --exact-cg-iters 10``),
+  a cheaper variant for the recipe's time budget; not part of the default row order
 
 A row is a setting (50 %, 70 %, 2:4, 4:8), a method and a ``+``-joined option set
 ("base" = none). Rows run in :func:`row_order`: per setting the two baselines and the full
@@ -21,6 +23,7 @@ statistics, solve, propagate; wall seconds) and the CPU seconds of the ``prune``
 
     python evals/options_table.py --threads 1 --out evals/results/options_smollm2-<date>.json
     python evals/options_table.py --rows '2:4 wanda perm,2:4 wanda ria+perm' --append --out ...
+    python evals/options_table.py --rows '50% sparsegpt base' --rerun --out ...   # again, at this commit
 
 Writes ``--out`` (JSON, rewritten after every row) and a Markdown table beside it;
 ``--report-only`` recomputes the table and the goals from ``--out``.
@@ -47,7 +50,8 @@ from llmprune.pipeline import prune
 
 SETTINGS = {"50%": ("unstructured", 0.5), "70%": ("unstructured", 0.7), "2:4": ("2:4", None), "4:8": ("4:8", None)}
 OPTION_FLAGS = {"owl": {"layer_ratios": "owl"}, "ria": {"score": "ria"}, "dsnot": {"refine": "dsnot"},
-                "exact": {"update": "exact"}, "perm": {"permute_channels": True}}
+                "exact": {"update": "exact"}, "perm": {"permute_channels": True},
+                "exact10": {"update": "exact", "exact_iters": 10, "exact_cg_iters": 10}}
 NAMES = {"sparsegpt": "SparseGPT", "wanda": "Wanda"}
 PHASES = ("capture", "owl_outliers", "statistics", "solve", "propagate")
 SOURCES = ("ptb", "wiki-summaries")
@@ -96,8 +100,9 @@ def flags_of(options: str) -> dict:
 def markdown(rows: list[dict]) -> str:
     reference = {r["setting"]: r for r in rows if r["options"] == "base" and r["method"] == "sparsegpt"}
     lines = ["| setting | method | options | PTB test ppl | x SparseGPT | wiki-summaries ppl | x SparseGPT "
-             "| prune (s, wall) | prune CPU (s) | x SparseGPT time |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+             "| prune (s, wall) | prune CPU (s) | x SparseGPT time | commit |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    order = list(SETTINGS)
+    for r in sorted(rows, key=lambda r: (order.index(r["setting"]), list(NAMES).index(r["method"]))):
         ref = reference.get(r["setting"])
 
         def ratio(value: float, reference: float) -> str:
@@ -106,7 +111,7 @@ def markdown(rows: list[dict]) -> str:
         lines.append(f"| {r['setting']} | {NAMES.get(r['method'], r['method'])} | {r['options']} "
                      + "".join(f"| {r['ppl'][s]:.2f} | {ratio(r['ppl'][s], ref and ref['ppl'][s])} " for s in SOURCES)
                      + f"| {r['prune_seconds']:.0f} | {r['prune_cpu_seconds']:.0f} "
-                     f"| {ratio(r['prune_cpu_seconds'], ref and ref['prune_cpu_seconds'])} |")
+                     f"| {ratio(r['prune_cpu_seconds'], ref and ref['prune_cpu_seconds'])} | {r['commit']} |")
     return "\n".join(lines)
 
 
@@ -147,6 +152,8 @@ def main() -> None:
     parser.add_argument("--machine-note", default="2-core CPU, shared")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--append", action="store_true", help="keep --out's rows and run only the missing ones")
+    parser.add_argument("--rerun", action="store_true",
+                        help="with --rows: run them even where --out has them, replacing those rows (keeps the rest)")
     parser.add_argument("--report-only", action="store_true", help="recompute the table and goals from --out")
     args = parser.parse_args()
     if args.report_only:
@@ -170,11 +177,13 @@ def main() -> None:
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parents[1]).stdout.strip()
-    if args.append and args.out.exists():
+    if args.rerun and not args.rows:
+        raise SystemExit("--rerun needs --rows (the rows to run again)")
+    if (args.append or args.rerun) and args.out.exists():
         payload = json.loads(args.out.read_text())
         for key in ("model", "nsamples", "seqlen", "eval_tokens"):
             if payload["args"][key] != str(getattr(args, key)):
-                raise SystemExit(f"--append: {args.out} was made with --{key.replace('_', '-')} "
+                raise SystemExit(f"--append/--rerun: {args.out} was made with --{key.replace('_', '-')} "
                                  f"{payload['args'][key]}, not {getattr(args, key)}")
     else:
         payload = {"date": time.strftime("%Y-%m-%d"), "args": {k: str(v) for k, v in vars(args).items()},
@@ -182,6 +191,8 @@ def main() -> None:
     payload["machine"] = f"{platform.node()} ({args.threads} torch threads, {args.machine_note})"
     rows = payload["rows"]
     done = {(r["setting"], r["method"], r["options"]) for r in rows}
+    if args.rerun:
+        done -= set(order)
 
     model, tokenizer = load_model(args.model, dtype="float32")
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -211,13 +222,19 @@ def main() -> None:
                        sparsity=sparsity, dataset="ptb", nsamples=args.nsamples, seqlen=args.seqlen, seed=0,
                        eval="none", dense_eval=False, device="cpu", progress=False, **flags_of(options))
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-        rows.append({"setting": setting, "method": method, "options": options, "flags": flags_of(options),
-                     "ppl": ppl(), "sparsity": result.sparsity,
-                     "prune_seconds": sum(result.seconds.get(k, 0.0) for k in PHASES),
-                     "prune_cpu_seconds": cpu, "wall_seconds": wall,
-                     "phases": {k: result.seconds[k] for k in PHASES if k in result.seconds}, "commit": commit})
+        row = {"setting": setting, "method": method, "options": options, "flags": flags_of(options),
+               "ppl": ppl(), "sparsity": result.sparsity,
+               "prune_seconds": sum(result.seconds.get(k, 0.0) for k in PHASES),
+               "prune_cpu_seconds": cpu, "wall_seconds": wall,
+               "phases": {k: result.seconds[k] for k in PHASES if k in result.seconds}, "commit": commit}
+        same = [k for k, r in enumerate(rows) if (r["setting"], r["method"], r["options"]) == (setting, method, options)]
+        if same:  # --rerun: in place of the earlier row
+            rows[same[0]] = row
+        else:
+            rows.append(row)
         write()
-        print(markdown(rows).splitlines()[-1], flush=True)
+        start = f"| {setting} | {NAMES.get(method, method)} | {options} |"
+        print(next(line for line in markdown(rows).splitlines() if line.startswith(start)), flush=True)
     print(json.dumps(payload["goals"], indent=2))
 
 

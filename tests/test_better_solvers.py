@@ -281,8 +281,12 @@ def test_dsnot_keeps_the_pattern_and_never_increases_its_error(rows, groups, pat
     before = expected_error(W, keep0, moments[0]).abs()
     after = expected_error(W, res.mask, moments[0]).abs()
     assert bool((after <= before + 1e-9 * (1 + before)).all())
-    assert res.error == pytest.approx(float(after.sum()), rel=1e-6, abs=1e-9)
-    assert res.error_before == pytest.approx(float(before.sum()), rel=1e-6, abs=1e-9)
+    # The solver forms W_rj s_j in fp32 (then sums in float64), the oracle in float64: the sums
+    # agree to fp32 rounding of the terms, 2^-24 sum |W_rj s_j| (which cancellation in a row's
+    # sum makes larger than a relative tolerance on that sum; seed 362 showed it).
+    terms = float((W.double().abs() * moments[0].double().abs()).sum())
+    assert res.error == pytest.approx(float(after.sum()), rel=1e-6, abs=1e-7 * terms + 1e-9)
+    assert res.error_before == pytest.approx(float(before.sum()), rel=1e-6, abs=1e-7 * terms + 1e-9)
 
 
 @pytest.mark.parametrize("pattern", PATTERNS, ids=str)
