@@ -51,7 +51,7 @@ loop.LayerLoop.run = timed_run
 kw = {"sparsity": args["sparsity"]} if args["pattern"] == "unstructured" else {}
 result = prune(args["model"], method=args["method"], pattern=args["pattern"], dataset=args["dataset"],
                nsamples=args["nsamples"], seqlen=args["seqlen"], eval=args["eval"], dense_eval=False,
-               max_eval_tokens=args["max_eval_tokens"], progress=False, **kw)
+               max_eval_tokens=args["max_eval_tokens"], progress=False, **kw, **args["extra"])
 usage = resource.getrusage(resource.RUSAGE_SELF)
 digest = hashlib.sha256()
 for name, tensor in sorted(result.model.state_dict().items()):
@@ -69,14 +69,15 @@ print("RESULT " + json.dumps({
 PRUNE_PHASES = ("capture", "statistics", "solve", "propagate")
 
 
-def run_once(root: Path, args: argparse.Namespace, method: str, evaluate: bool) -> dict:
-    """One pruning run of the checkout at ``root`` in a fresh process. ``cpu_seconds_total`` is
-    the whole process's CPU time (loading and, when ``evaluate``, perplexity included)."""
+def run_once(root: Path, args: argparse.Namespace, method: str, evaluate: bool, extra: dict) -> dict:
+    """One pruning run of the checkout at ``root`` in a fresh process, with ``extra`` keywords
+    for ``prune``. ``cpu_seconds_total`` is the whole process's CPU time (loading and, when
+    ``evaluate``, perplexity included)."""
     payload = {
         "root": str(root), "threads": args.threads, "model": args.model, "method": method,
         "pattern": args.pattern, "sparsity": args.sparsity, "dataset": args.dataset,
         "nsamples": args.nsamples, "seqlen": args.seqlen, "eval": args.eval if evaluate else "none",
-        "max_eval_tokens": args.max_eval_tokens,
+        "max_eval_tokens": args.max_eval_tokens, "extra": extra,
     }
     env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1")
     start = time.perf_counter()
@@ -105,8 +106,11 @@ def main() -> None:
     parser.add_argument("--max-eval-tokens", type=int, default=16384)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--new-calib-batch-size", type=int, default=1,
+                        help="--calib-batch-size of this checkout's runs (the baseline may predate the flag)")
     parser.add_argument("--out", default="evals/results/bench_prune_speed.json")
     args = parser.parse_args()
+    extra = {"baseline": {}, "new": {} if args.new_calib_batch_size == 1 else {"calib_batch_size": args.new_calib_batch_size}}
 
     roots = {"baseline": Path(args.baseline).resolve(), "new": HERE}
     commits = {name: subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -116,7 +120,7 @@ def main() -> None:
         for rep in range(args.repeats):
             order = ("baseline", "new") if rep % 2 == 0 else ("new", "baseline")
             for name in order:
-                out = run_once(roots[name], args, method, evaluate=rep == 0 and args.eval != "none")
+                out = run_once(roots[name], args, method, evaluate=rep == 0 and args.eval != "none", extra=extra[name])
                 out.update(method=method, version=name, repeat=rep)
                 runs.append(out)
                 phases = ", ".join(f"{p} {out['seconds'].get(p, 0):.1f}" for p in PRUNE_PHASES)
