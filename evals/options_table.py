@@ -97,13 +97,24 @@ def flags_of(options: str) -> dict:
     return out
 
 
-def markdown(rows: list[dict]) -> str:
-    reference = {r["setting"]: r for r in rows if r["options"] == "base" and r["method"] == "sparsegpt"}
+def reference_for(row: dict, rows: list[dict], superseded: list[dict] = ()) -> dict | None:
+    """The plain SparseGPT row ``row`` is compared with: the one of its setting run at the same
+    commit (a row that ``--rerun`` replaced is still there, in ``superseded``), else the
+    setting's current one (None when there is none)."""
+    bases = [r for r in [*rows, *superseded]
+             if r["setting"] == row["setting"] and r["method"] == "sparsegpt" and r["options"] == "base"]
+    same = [r for r in bases if r["commit"] == row["commit"]]
+    return (same or [r for r in bases if r in rows] or [None])[0]
+
+
+def markdown(rows: list[dict], superseded: list[dict] = ()) -> str:
+    """The table; each ratio is against :func:`reference_for` (plain SparseGPT at the same
+    setting and, where it ran, the same commit)."""
     lines = ["| setting | method | options | PTB test ppl | x SparseGPT | wiki-summaries ppl | x SparseGPT "
              "| prune (s, wall) | prune CPU (s) | x SparseGPT time | commit |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     order = list(SETTINGS)
     for r in sorted(rows, key=lambda r: (order.index(r["setting"]), list(NAMES).index(r["method"]))):
-        ref = reference.get(r["setting"])
+        ref = reference_for(r, rows, superseded)
 
         def ratio(value: float, reference: float) -> str:
             return "-" if ref is None else f"{value / reference:.3f}"
@@ -115,19 +126,19 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def goals(rows: list[dict]) -> dict:
+def goals(rows: list[dict], superseded: list[dict] = ()) -> dict:
     """Per setting: the best row within 3x SparseGPT's pruning CPU time, its perplexity ratio
-    to plain SparseGPT on each source, and the issue's goal (50 %: 0.95, 2:4: 0.90, 70 %: 0.70;
-    4:8 has none)."""
+    to plain SparseGPT on each source (both against :func:`reference_for`), and the issue's
+    goal (50 %: 0.95, 2:4: 0.90, 70 %: 0.70; 4:8 has none)."""
     target = {"50%": 0.95, "2:4": 0.90, "70%": 0.70}
     out = {}
     for setting in SETTINGS:
-        ref = next((r for r in rows if r["setting"] == setting and r["method"] == "sparsegpt"
-                    and r["options"] == "base"), None)
-        if ref is None:
+        mine = [(r, reference_for(r, rows, superseded)) for r in rows if r["setting"] == setting]
+        within = [(r, ref) for r, ref in mine
+                  if ref is not None and r["prune_cpu_seconds"] <= 3 * ref["prune_cpu_seconds"]]
+        if not within:
             continue
-        within = [r for r in rows if r["setting"] == setting and r["prune_cpu_seconds"] <= 3 * ref["prune_cpu_seconds"]]
-        best = min(within, key=lambda r: r["ppl"]["ptb"])
+        best, ref = min(within, key=lambda pair: pair[0]["ppl"]["ptb"] / pair[1]["ppl"]["ptb"])
         entry = {"reference_ppl": ref["ppl"], "best": f"{best['method']} {best['options']}",
                  "best_ppl": best["ppl"], "x_sparsegpt": {s: best["ppl"][s] / ref["ppl"][s] for s in SOURCES},
                  "x_time": best["prune_cpu_seconds"] / ref["prune_cpu_seconds"], "goal": target.get(setting)}
@@ -135,6 +146,34 @@ def goals(rows: list[dict]) -> dict:
             entry["goal_met"] = entry["x_sparsegpt"]["ptb"] <= entry["goal"]
         out[setting] = entry
     return out
+
+
+def merge_into(out: Path, sources: list[Path]) -> None:
+    """Add the rows of ``sources`` (files this script wrote for the same model, calibration and
+    evaluation tokens) to ``out``; a row replacing one of another commit moves that one to
+    ``superseded`` (see :func:`reference_for`)."""
+    payload = json.loads(out.read_text())
+    key = lambda r: (r["setting"], r["method"], r["options"], r["commit"])  # noqa: E731
+    for source in sources:
+        other = json.loads(source.read_text())
+        for name in ("model", "nsamples", "seqlen", "eval_tokens"):
+            if other["args"][name] != payload["args"][name]:
+                raise SystemExit(f"--merge: {source} has --{name.replace('_', '-')} {other['args'][name]}, "
+                                 f"{out} has {payload['args'][name]}")
+        known = {key(r) for r in payload["rows"] + payload.get("superseded", [])}
+        for row in other.get("superseded", []):
+            if key(row) not in known:
+                payload.setdefault("superseded", []).append(row)
+        for row in other["rows"]:
+            same = [k for k, r in enumerate(payload["rows"]) if key(r)[:3] == key(row)[:3]]
+            if not same:
+                payload["rows"].append(row)
+            elif payload["rows"][same[0]] != row:
+                old = payload["rows"][same[0]]
+                if old["commit"] != row["commit"] and key(old) not in {key(r) for r in payload.get("superseded", [])}:
+                    payload.setdefault("superseded", []).append(old)
+                payload["rows"][same[0]] = row
+    write_json_atomic(out, payload)
 
 
 def main() -> None:
@@ -155,13 +194,19 @@ def main() -> None:
     parser.add_argument("--rerun", action="store_true",
                         help="with --rows: run them even where --out has them, replacing those rows (keeps the rest)")
     parser.add_argument("--report-only", action="store_true", help="recompute the table and goals from --out")
+    parser.add_argument("--merge", default="",
+                        help="comma-separated result files (runs of row subsets in parallel): their rows go into --out, "
+                             "replacing rows of the same setting, method and options; then as --report-only")
     args = parser.parse_args()
-    if args.report_only:
+    if args.merge:
+        merge_into(args.out, [Path(f) for f in args.merge.split(",") if f.strip()])
+    if args.report_only or args.merge:
         payload = json.loads(args.out.read_text())
-        payload["goals"] = goals(payload["rows"])
+        superseded = payload.get("superseded", [])
+        payload["goals"] = goals(payload["rows"], superseded)
         write_json_atomic(args.out, payload)
-        args.out.with_suffix(".md").write_text(markdown(payload["rows"]) + "\n")
-        print(markdown(payload["rows"]))
+        args.out.with_suffix(".md").write_text(markdown(payload["rows"], superseded) + "\n")
+        print(markdown(payload["rows"], superseded))
         print(json.dumps(payload["goals"], indent=2))
         return
     logging.basicConfig(level="WARNING")
@@ -204,9 +249,9 @@ def main() -> None:
                               add_bos=add_bos, show_progress=False).ppl for s in SOURCES}
 
     def write() -> None:
-        payload["goals"] = goals(rows)
+        payload["goals"] = goals(rows, payload.get("superseded", []))
         write_json_atomic(args.out, payload)
-        args.out.with_suffix(".md").write_text(markdown(rows) + "\n")
+        args.out.with_suffix(".md").write_text(markdown(rows, payload.get("superseded", [])) + "\n")
 
     if "dense" not in payload:
         payload["dense_ppl"] = ppl()
@@ -228,13 +273,15 @@ def main() -> None:
                "prune_cpu_seconds": cpu, "wall_seconds": wall,
                "phases": {k: result.seconds[k] for k in PHASES if k in result.seconds}, "commit": commit}
         same = [k for k, r in enumerate(rows) if (r["setting"], r["method"], r["options"]) == (setting, method, options)]
-        if same:  # --rerun: in place of the earlier row
+        if same:  # --rerun: in place of the earlier row, which stays in "superseded" (see reference_for)
+            payload.setdefault("superseded", []).append(rows[same[0]])
             rows[same[0]] = row
         else:
             rows.append(row)
         write()
         start = f"| {setting} | {NAMES.get(method, method)} | {options} |"
-        print(next(line for line in markdown(rows).splitlines() if line.startswith(start)), flush=True)
+        print(next(line for line in markdown(rows, payload.get("superseded", [])).splitlines()
+                   if line.startswith(start)), flush=True)
     print(json.dumps(payload["goals"], indent=2))
 
 
