@@ -102,7 +102,8 @@ def _validate(config: FinetuneConfig) -> None:
     from llmprune.checkpoints.save import check_save_format
     from llmprune.runtime import devices
     from llmprune.training.criteria import SCOPES
-    from llmprune.training.strategies import METHODS
+    from llmprune.training.sparse_methods import DISTRIBUTIONS
+    from llmprune.training.strategies import METHODS, NOT_BUILT
 
     if not config.model:
         raise UsageError("--model is required: a pruned checkpoint folder, Hub id, .gguf file or alias")
@@ -121,8 +122,20 @@ def _validate(config: FinetuneConfig) -> None:
         raise UsageError(f"--distill-weight must be in [0, 1], got {config.distill_weight!r}")
     if not config.distill_temp > 0:
         raise UsageError(f"--distill-temp must be > 0, got {config.distill_temp!r}")
+    if config.method in NOT_BUILT:
+        raise UsageError(f"--method {config.method} is not built yet; valid: {', '.join(METHODS)}")
     if config.method not in METHODS:
         raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {config.method!r}")
+    if config.method == "rigl":
+        check_int("--rigl-every", config.rigl_every)
+        check_int("--rigl-end", config.rigl_end, optional=True)
+        if not (isinstance(config.rigl_alpha, (int, float)) and 0.0 < config.rigl_alpha <= 1.0):
+            raise UsageError(f"--rigl-alpha must be in (0, 1], got {config.rigl_alpha!r}")
+        if config.rigl_end is not None and config.rigl_end > config.steps:
+            raise UsageError(f"--rigl-end {config.rigl_end} must be at most --steps {config.steps}")
+        if config.rigl_distribution not in DISTRIBUTIONS:
+            raise UsageError(f"--rigl-distribution must be one of {', '.join(DISTRIBUTIONS)}, "
+                             f"got {config.rigl_distribution!r}")
     if config.schedule not in SCHEDULES:
         raise UsageError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {config.schedule!r}")
     if config.scope not in SCOPES:
@@ -132,7 +145,7 @@ def _validate(config: FinetuneConfig) -> None:
         if value is not None and not 0.0 <= value < 1.0:
             raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1), got {value!r}")
     target_pattern(config)
-    if config.schedule == "cubic":
+    if gradual(config):
         end = config.prune_end
         if end is not None and (end <= config.prune_start or end > config.steps):
             raise UsageError(f"--prune-end {end} must be after --prune-start {config.prune_start} and at most "
@@ -156,17 +169,28 @@ def _validate(config: FinetuneConfig) -> None:
     data.check_disjoint(config.dataset, config.eval_sources)
 
 
+def gradual(config: FinetuneConfig) -> bool:
+    """True when the run sets its own masks towards ``--sparsity-to``: gmp with the cubic
+    schedule, movement (always cubic) and rigl (that sparsity from the start)."""
+    return config.schedule == "cubic" or config.method != "gmp"
+
+
 def target_pattern(config: FinetuneConfig) -> Pattern | None:
-    """The pattern asked for: cubic's target (N:M, or unstructured at ``--sparsity-to``), or the
-    pattern the loaded masks are checked against (constant); None when not given."""
+    """The pattern asked for: the target of a gradual run (:func:`gradual`; N:M, or
+    unstructured at ``--sparsity-to``), or the pattern the loaded masks are checked against
+    (constant); None when not given."""
     try:
-        if config.schedule == "cubic":
+        if gradual(config):
             text = config.pattern or "unstructured"
+            asking = "--schedule cubic" if config.method == "gmp" else f"--method {config.method}"
             if text.strip().lower() == "unstructured":
                 if config.sparsity_to is None:
-                    raise UsageError("--schedule cubic needs --sparsity-to (the final sparsity, in [0, 1)) "
-                                     "or --pattern N:M")
+                    raise UsageError(f"{asking} needs --sparsity-to (the final sparsity, in [0, 1))"
+                                     + (" or --pattern N:M" if config.method == "gmp" else ""))
                 pattern = Unstructured(float(config.sparsity_to))
+            elif config.method != "gmp":
+                raise UsageError(f"--method {config.method} prunes unstructured; got --pattern {config.pattern!r} "
+                                 "(valid: unstructured, or N:M with --method gmp)")
             else:
                 pattern = parse_pattern(text, config.sparsity_to)
             if config.sparsity_from > pattern.target_sparsity:
@@ -306,7 +330,7 @@ class _Run:
         declared_pattern = pattern_from_dict(declared) if declared else None
         weights = prunable_weights(self.model)
         pruned_names = set(self.meta.get("pruned_weights") or {})
-        if config.schedule == "cubic":
+        if gradual(config):
             _, layers = find_decoder_layers(self.model)
             check_pattern_fits(layers, asked)
             schedule = cubic_for_run(config.sparsity_from, asked.target_sparsity, steps=config.steps,
@@ -328,7 +352,10 @@ class _Run:
             elif pattern is None and masks.masks:
                 pattern = Unstructured(round(masks.sparsity(), 6))
         nm = pattern if isinstance(pattern, NM) else None
-        strategy = METHODS[config.method](schedule=schedule, pattern=nm, scope=config.scope)
+        strategy = METHODS[config.method](
+            schedule=schedule, pattern=nm, scope=config.scope, sparsity=pattern.target_sparsity if pattern else 0.0,
+            steps=config.steps, rigl_alpha=config.rigl_alpha, rigl_every=config.rigl_every, rigl_end=config.rigl_end,
+            rigl_distribution=config.rigl_distribution)
         return masks, strategy, pattern
 
     def read_data(self):
