@@ -378,3 +378,31 @@ def test_bad_method_options_are_one_line_usage_errors(tiny_llama_dir, options, m
     with pytest.raises(llmprune.UsageError) as error:
         llmprune.finetune(str(tiny_llama_dir), steps=10, eval="none", device="cpu", **options)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("method", ["movement", "rigl"])
+def test_work_dir_resume_gives_the_uninterrupted_weights(method, tiny_llama_dir, train_text, tmp_path, one_thread):
+    """A Trainer run resumed from its step-4 checkpoint (the later one removed, as after a kill)
+    ends with bitwise the weights of an uninterrupted run: masks, strategy state (movement's
+    scores in llmprune-strategy.safetensors) and the recording of gradients are restored
+    (RigL updates at step 5, so its gradients must be recorded from the first resumed step)."""
+    import shutil
+
+    from llmprune.training.callback import STRATEGY_FILE
+
+    options = dict(teacher="none", dataset=train_text, steps=8, seqlen=32, batch_size=2, grad_accum=2, lr=1e-3,
+                   method=method, sparsity_to=0.6, prune_every=2, rigl_every=5, rigl_alpha=0.5, eval="none",
+                   device="cpu", progress=False, save_every=4)
+    reference = llmprune.finetune(str(tiny_llama_dir), **{**options, "save_every": None})
+    work = tmp_path / "work"
+    llmprune.finetune(str(tiny_llama_dir), work_dir=str(work), **options)
+    saved = json.loads((work / "checkpoint-4" / STRATEGY_FILE).read_text())
+    assert saved["step"] == 4
+    assert (work / "checkpoint-4" / STRATEGY_TENSORS_FILE).is_file() == (method == "movement")
+    shutil.rmtree(work / "checkpoint-8")
+    resumed = llmprune.finetune(str(tiny_llama_dir), work_dir=str(work), resume=True, **options)
+    assert resumed.resumed_from_step == 4
+    want, got = reference.model.state_dict(), resumed.model.state_dict()
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+    assert resumed.sparsity == pytest.approx(reference.sparsity) and 0.55 < resumed.sparsity < 0.65
