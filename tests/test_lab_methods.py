@@ -1,8 +1,8 @@
-"""Training-time sparsity methods of issue #13 (``llmprune.training.sparse_methods`` and the
-``rigl`` / ``movement`` strategies): RigL's cosine drop / grow counts and choices against a
-plain Python sort, ERK densities against their definition, IMP's per-round sparsity and
-rewinding, movement scores against -W * grad computed by hand, exact resumption, and short
-``finetune`` runs on the tiny Llama."""
+"""Training-time sparsity methods of issue #13 (``llmprune.training.sparse_methods``, the
+``rigl`` / ``movement`` / ``imp`` strategies and the IMP driver): RigL's cosine drop / grow
+counts and choices against a plain Python sort, ERK densities against their definition, IMP's
+per-round sparsity and rewinding, movement scores against -W * grad computed by hand, exact
+resumption, and short ``finetune`` runs on the tiny Llama."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from llmprune.training import sparse_methods as sm
 from llmprune.training.callback import STRATEGY_TENSORS_FILE, SparsityCallback, save_state
 from llmprune.training.masks import MaskSet
 from llmprune.training.schedules import CubicSchedule
-from llmprune.training.strategies import MovementPruning, RigL
+from llmprune.training.strategies import IterativeMagnitude, MovementPruning, RigL
 
 
 class TwoLinears(nn.Module):
@@ -365,9 +365,71 @@ def test_movement_run_prunes_to_the_cubic_target(tiny_llama_dir, train_text, tmp
     assert all(int((~m).sum()) == int(m.numel() * 0.5) for m in masks.masks.values())
 
 
+def test_imp_driver_rewinds_every_parameter_and_captures_step_k():
+    from types import SimpleNamespace
+
+    from llmprune.training import imp
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 10), nn.LayerNorm(10), nn.Linear(10, 4))
+    masks = MaskSet.dense(model).attach()
+    init = imp.state_copy(model)
+    capture = imp.RewindCapture(model, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    generator = torch.Generator().manual_seed(7)
+    for step in range(1, 6):
+        optimizer.zero_grad()
+        model(torch.randn(5, 6, generator=generator)).square().mean().backward()
+        optimizer.step()
+        capture.on_step_end(None, SimpleNamespace(global_step=step), None)
+        if step == 3:
+            at_three = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    assert capture.state.keys() == at_three.keys()
+    assert all(torch.equal(capture.state[n], at_three[n]) for n in at_three)
+    strategy = IterativeMagnitude(rounds=2, rate=0.5)
+    for saved in (init, capture.state):
+        strategy.round = 0
+        strategy.prune_round(masks)
+        imp.rewind_model(model, masks, saved)
+        for name, tensor in model.state_dict().items():
+            if name in masks.masks:
+                keep = masks.masks[name]
+                assert torch.equal(tensor[keep], saved[name][keep]) and bool((tensor[~keep] == 0).all())
+            else:  # biases and the LayerNorm are rewound too
+                assert torch.equal(tensor, saved[name]), name
+    assert imp.resolve_rate(2, None, 0.75) == pytest.approx(0.5)
+    assert sm.imp_round_sparsity(imp.resolve_rate(3, None, 0.9), 3) == 0.9
+    assert imp.parse_rewind("init", 10) == 0 and imp.parse_rewind("step:7", 10) == 7
+
+
+def test_imp_run_saves_every_round_with_nested_masks(tiny_llama_dir, train_text, tmp_path, one_thread):
+    save = tmp_path / "imp"
+    result = llmprune.finetune(str(tiny_llama_dir), teacher="none", dataset=train_text, steps=4, seqlen=32,
+                               batch_size=2, lr=1e-3, method="imp", sparsity_to=0.75, imp_rounds=2, rewind="step:2",
+                               eval="none", device="cpu", progress=False, save=str(save))
+    assert result.strategy == {"method": "imp", "rounds": 2, "rate": pytest.approx(0.5), "rewind": "step:2",
+                               "scope": "layer", "round": 2, "final_sparsity": 0.75}
+    assert [r["round"] for r in result.rounds] == [0, 1, 2]
+    assert [r["checkpoint"] for r in result.rounds] == ["rounds/round-0", "rounds/round-1", "."]
+    assert len(result.loss_curve) == 12 and result.tokens_seen == 3 * 4 * 2 * 32
+    previous = None
+    for r, folder in enumerate([save / "rounds" / "round-0", save / "rounds" / "round-1", save]):
+        meta = json.loads((folder / "llmprune.json").read_text())
+        assert meta["recipe"]["finetune"]["strategy"]["round"] == r
+        masks = MaskSet.from_zeros(llmprune.load(folder))
+        target = 1 - (1 - 0.5) ** r
+        for name, keep in masks.masks.items():
+            assert int((~keep).sum()) == int(keep.numel() * target), (r, name)
+            if previous is not None:
+                assert not bool((keep & ~previous[name]).any()), (r, name)  # pruned stay pruned
+        previous = masks.masks
+
+
 @pytest.mark.parametrize("options, message", [
-    ({"method": "l0", "sparsity_to": 0.5}, "--method l0 is not built yet; valid: gmp, movement, rigl"),
-    ({"method": "imp"}, "--method imp is not built yet"),
+    ({"method": "l0", "sparsity_to": 0.5}, "--method l0 is not built yet; valid: gmp, imp, movement, rigl"),
+    ({"method": "imp"}, "--method imp needs --sparsity-to"),
+    ({"method": "imp", "sparsity_to": 0.5, "imp_rate": 0.5}, "--imp-rate 0.5 over --imp-rounds 3 reaches"),
+    ({"method": "imp", "imp_rate": 0.2, "rewind": "step:11"}, "--rewind must be init or step:K"),
     ({"method": "rigl"}, "--method rigl needs --sparsity-to"),
     ({"method": "rigl", "sparsity_to": 0.5, "rigl_alpha": 0.0}, "--rigl-alpha must be in (0, 1], got 0.0"),
     ({"method": "rigl", "sparsity_to": 0.5, "rigl_distribution": "er"}, "--rigl-distribution must be one of uniform, erk"),

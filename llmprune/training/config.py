@@ -39,7 +39,7 @@ class FinetuneConfig:
     seed: int = _opt(0, "seed for the data order and the Trainer")
     method: str = _opt("gmp", "mask-update strategy: gmp (gradual magnitude pruning with --schedule), movement "
                               "(hard movement pruning on the cubic schedule flags), rigl (drop / grow at "
-                              "--sparsity-to); imp and l0 are not built yet")
+                              "--sparsity-to), imp (iterative magnitude pruning with rewinding); l0 is not built yet")
     schedule: str = _opt("constant", "gmp: constant (keep the loaded mask) or cubic (prune gradually during "
                                      "training); movement always prunes on the cubic schedule")
     sparsity_from: float = _opt(0.0, "cubic: initial sparsity s_i, in [0, 1)")
@@ -53,6 +53,11 @@ class FinetuneConfig:
                                      "loaded mask; default: the checkpoint's declared pattern)")
     scope: str = _opt("layer", "unstructured ranking (gmp magnitude, movement scores): layer (each matrix) or "
                                "global (all together)")
+    imp_rounds: int = _opt(3, "imp: pruning rounds R; the model trains R + 1 times, --steps each (dense first)")
+    imp_rate: float | None = _opt(None, "imp: fraction p of the remaining weights pruned after each training, in "
+                                        "(0, 1) (default: 1 - (1 - S)^(1/R), so that round R reaches --sparsity-to S)")
+    rewind: str = _opt("init", "imp: what the surviving weights are rewound to after each pruning: init (the weights "
+                               "before training) or step:K (step K of the dense training, 'late rewinding')")
     rigl_alpha: float = _opt(0.3, "rigl: fraction a of each matrix's active weights replaced at step 0, decayed as "
                                   "a (1 + cos(pi t / T_end)) / 2; in (0, 1]")
     rigl_every: int = _opt(100, "rigl: steps between drop / grow updates (dT)")

@@ -181,8 +181,9 @@ def movement_score_update(score: Tensor, weight: Tensor, grad: Tensor) -> None:
 
 def imp_round_sparsity(rate: float, round_index: int) -> float:
     """The sparsity after ``round_index`` rounds that each remove ``rate`` of the remaining
-    weights: ``1 - (1 - rate) ** round_index``."""
-    return 1.0 - (1.0 - rate) ** round_index
+    weights: ``1 - (1 - rate) ** round_index``, rounded to 12 decimals (so a rate derived as
+    ``1 - (1 - S) ** (1 / R)`` gives exactly S after R rounds, not S - 1e-16)."""
+    return round(1.0 - (1.0 - rate) ** round_index, 12)
 
 
 def imp_round_masks(weights: dict[str, Tensor], keep: dict[str, Tensor], rate: float, round_index: int,
