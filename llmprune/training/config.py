@@ -43,15 +43,15 @@ class FinetuneConfig:
     schedule: str = _opt("constant", "gmp: constant (keep the loaded mask) or cubic (prune gradually during "
                                      "training); movement always prunes on the cubic schedule")
     sparsity_from: float = _opt(0.0, "cubic: initial sparsity s_i, in [0, 1)")
-    sparsity_to: float | None = _opt(None, "cubic and movement: final sparsity s_f, in [0, 1) (default for N:M: 1 - N/M); "
-                                              "rigl: the sparsity throughout")
+    sparsity_to: float | None = _opt(None, "cubic and movement: final sparsity s_f, in [0, 1) (default for N:M: "
+                                           "1 - N/M); rigl: the sparsity throughout; imp: after the last round")
     prune_every: int = _opt(50, "cubic: steps between mask updates (dt)")
     prune_start: int = _opt(0, "cubic: first mask update step (t0)")
     prune_end: int | None = _opt(None, "cubic: last mask update step (default: the last multiple of --prune-every "
                                        "at or below 3/4 of --steps)")
     pattern: str | None = _opt(None, "'unstructured' or 'N:M' (cubic: the target; constant: checked against the "
                                      "loaded mask; default: the checkpoint's declared pattern)")
-    scope: str = _opt("layer", "unstructured ranking (gmp magnitude, movement scores): layer (each matrix) or "
+    scope: str = _opt("layer", "unstructured ranking (gmp, imp: magnitude; movement: scores): layer (each matrix) or "
                                "global (all together)")
     imp_rounds: int = _opt(3, "imp: pruning rounds R; the model trains R + 1 times, --steps each (dense first)")
     imp_rate: float | None = _opt(None, "imp: fraction p of the remaining weights pruned after each training, in "

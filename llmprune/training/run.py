@@ -303,8 +303,8 @@ class _Run:
         result.after_zeroshot = evaluate_tasks(self.model, self.tokenizer, self.tasks, self.device)
         self.seconds["eval_after"] = time.perf_counter() - start
         if result.rounds:
-            result.rounds.append({"round": strategy.round, "sparsity": result.sparsity,
-                                  "loss": summarize_loss([r for r in result.loss_curve if r["round"] == strategy.round]),
+            last = [row for row in result.loss_curve if row["round"] == strategy.round]
+            result.rounds.append({"round": strategy.round, "sparsity": result.sparsity, "loss": summarize_loss(last),
                                   "ppl": {n: r.__dict__ for n, r in result.after_ppl.items()},
                                   "checkpoint": "." if config.save else None})
         result.seconds = self.seconds
