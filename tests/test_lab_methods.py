@@ -184,38 +184,52 @@ def test_rigl_updates_follow_the_formula_and_keep_each_layer_count(distribution)
 
 
 def test_movement_scores_are_minus_w_times_grad_accumulated_by_hand():
+    """The scores against ``-sum W * dL/dW`` with the closed-form gradient, where a pruned
+    weight's W is its value when it was pruned (the paper's masked forward pass keeps it);
+    the masks against a Python sort of the scores; a weight kept again gets that value back."""
     torch.manual_seed(0)
     model = TwoLinears()
     masks = MaskSet.dense(model).attach()
     schedule = CubicSchedule(0.0, 0.6, start=2, every=2, n_updates=3)  # updates at 2, 4, 6, 8
     strategy = MovementPruning(schedule, scope="layer")
     strategy.begin(masks)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
     generator = torch.Generator().manual_seed(2)
     hand = {n: torch.zeros(p.shape, dtype=torch.float64) for n, (p, _) in masks.weights.items()}
+    aside = {n: torch.zeros(p.shape) for n, (p, _) in masks.weights.items()}  # values of the pruned weights
+    returned = 0
     for step in range(1, 11):
         optimizer.zero_grad()
         for _ in range(2):  # two micro-batches, each loss halved, as gradient accumulation scales it
             batch = make_batch(generator)
             for name, g in model.hand_grads(batch, scale=0.5).items():
-                hand[name] -= model.get_parameter(name).detach().double() * g.double()
+                hand[name] -= (model.get_parameter(name).detach() + aside[name]).double() * g.double()
             (model.loss(batch) / 2).backward()
             strategy.after_backward(masks, step - 1)
         optimizer.step()
         masks.apply_to_weights()
         scores = {n: s.clone() for n, s in strategy.scores.items()}
+        before = {n: (masks.masks[n].clone(), p.detach().clone()) for n, (p, _) in masks.weights.items()}
         changed = strategy.after_step(masks, step, optimizer)
         assert changed == (step in (2, 4, 6, 8))
         if step <= 8:
             for name in hand:
-                torch.testing.assert_close(scores[name].double(), hand[name], rtol=1e-5, atol=1e-7)
-        if changed:
-            sparsity = 0.6 - 0.6 * (1 - (step - 2) / 6) ** 3
-            for name, keep in masks.masks.items():
-                values = scores[name].reshape(-1).tolist()
-                n_removed = int(len(values) * sparsity)
-                removed = set(sorted_indices(values, False)[:n_removed])
-                assert keep.reshape(-1).tolist() == [i not in removed for i in range(len(values))], (step, name)
+                torch.testing.assert_close(scores[name].double(), hand[name], rtol=1e-5, atol=1e-6)
+        if not changed:
+            continue
+        sparsity = 0.6 - 0.6 * (1 - (step - 2) / 6) ** 3
+        for name, keep in masks.masks.items():
+            values = scores[name].reshape(-1).tolist()
+            removed = set(sorted_indices(values, False)[:int(len(values) * sparsity)])
+            assert keep.reshape(-1).tolist() == [i not in removed for i in range(len(values))], (step, name)
+            old, weight = before[name]
+            param = masks.weights[name][0].detach()
+            pruned_now, back = old & ~keep, keep & ~old
+            aside[name][pruned_now] = weight[pruned_now]
+            assert torch.equal(param[back], aside[name][back]) and bool((param[~keep] == 0).all())
+            aside[name][back] = 0.0
+            returned += int(back.sum())
+    assert returned > 0  # some pruned weights did come back
     assert strategy.scores == {} and masks.record_dense_grads is False  # freed after the last update
     assert masks.sparsity() == pytest.approx((int(240 * 0.6) + int(180 * 0.6)) / 420)
 

@@ -12,10 +12,10 @@ Its state (``state_dict``: JSON-able values and tensors) is saved with each resu
 checkpoint; a resumed run calls :meth:`MaskStrategy.resume` (after ``load_state_dict``)
 instead of ``begin``. Methods, registered in :data:`METHODS` (one constructor keyword set):
 ``gmp`` (gradual magnitude pruning: a schedule + magnitude masks; with the constant schedule
-it keeps the loaded masks), ``movement`` (hard movement pruning on the cubic schedule) and
+it keeps the loaded masks), ``movement`` (hard movement pruning on the cubic schedule),
 ``rigl`` (RigL drop / grow at a fixed sparsity) and ``imp`` (iterative magnitude pruning:
-masks fixed within a round, pruned between rounds by ``llmprune.training.imp``). The maths is in
-``llmprune.training.sparse_methods``.
+masks fixed within a round, pruned between rounds by ``llmprune.training.imp``). The maths
+is in ``llmprune.training.sparse_methods``.
 """
 
 from __future__ import annotations
@@ -105,34 +105,44 @@ def schedule_dict(schedule: CubicSchedule) -> dict:
 class MovementPruning(MaskStrategy):
     """Hard movement pruning (Sanh et al. 2020) on a cubic schedule.
 
-    Each weight's score accumulates ``-W * dL/dW`` over every micro-batch (the unmasked
-    gradient, before clipping: ``MaskSet.record_dense_grads``); at each update step of
-    ``schedule`` the masks keep the highest scores at the schedule's sparsity, per matrix
-    (``scope="layer"``) or over all matrices (``"global"``). A pruned weight is 0, so its
-    score stops moving; it may come back (at 0) if others fall below it. The update at step 0,
-    before any gradient, ranks by |w|. Scores are fp32 in each parameter's layout, kept (and
-    saved with resumable checkpoints) until the schedule's last update, then freed.
+    Each weight's score accumulates ``-W * dL/dW`` over every micro-batch, ``dL/dW`` the
+    unmasked gradient before clipping (``MaskSet.record_dense_grads``); at each update step
+    of ``schedule`` the masks keep the highest scores at the schedule's sparsity, per matrix
+    (``scope="layer"``) or over all matrices (``"global"``). The update at step 0, before any
+    gradient, ranks by |w|. As in the paper, where the forward pass uses ``W * M`` and a
+    pruned weight keeps its value: a weight's value when it is pruned is kept aside (the
+    parameter itself is 0), its score goes on moving with that value, and if it is kept again
+    it gets that value back. Scores (fp32) and the kept-aside values (the parameter's dtype),
+    in each parameter's layout, are saved with resumable checkpoints and freed after the
+    schedule's last update.
     """
 
     schedule: CubicSchedule
     scope: str = "layer"
     scores: dict[str, Tensor] = field(default_factory=dict)
+    pruned_values: dict[str, Tensor] = field(default_factory=dict)
     step: int = 0
     name = "movement"
 
     def begin(self, masks: MaskSet, optimizer=None) -> None:
         self.scores = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device)
                        for name, (p, _) in masks.weights.items()}
+        self.pruned_values = {name: torch.zeros_like(p.detach()) for name, (p, _) in masks.weights.items()}
         self.after_step(masks, 0, optimizer)
 
     def resume(self, masks: MaskSet, step: int, optimizer=None) -> None:
-        self.scores = {name: s.to(masks.weights[name][0].device) for name, s in self.scores.items()}
+        def placed(tensors, dtype=None):
+            return {n: t.to(masks.weights[n][0].device, dtype or masks.weights[n][0].dtype) for n, t in tensors.items()}
+
+        self.scores = placed(self.scores, torch.float32)
+        self.pruned_values = placed(self.pruned_values)
         masks.pop_dense_grads()
         masks.record_dense_grads = step < self.schedule.end
 
     def after_backward(self, masks: MaskSet, step: int) -> None:
         for name, grad in masks.pop_dense_grads().items():
-            sparse_methods.movement_score_update(self.scores[name], masks.weights[name][0], grad)
+            weight = masks.weights[name][0].detach() + self.pruned_values[name]  # pruned entries: their kept value
+            sparse_methods.movement_score_update(self.scores[name], weight, grad)
 
     def after_step(self, masks: MaskSet, step: int, optimizer=None) -> bool:
         self.step = step
@@ -140,23 +150,40 @@ class MovementPruning(MaskStrategy):
         if changed:
             sparsity = self.schedule.sparsity_at(step)
             scores = self.scores if step > 0 else {n: p.detach().abs() for n, (p, _) in masks.weights.items()}
-            masks.update(sparse_methods.keep_highest_scores(scores, sparsity, self.scope), optimizer)
+            self._replace_masks(masks, sparse_methods.keep_highest_scores(scores, sparsity, self.scope), optimizer)
             logger.info("step %d: movement masks at sparsity %.4f (measured %.4f)", step, sparsity, masks.sparsity())
         masks.record_dense_grads = step < self.schedule.end
         if step >= self.schedule.end:
-            self.scores = {}  # no update is left that reads them
+            self.scores, self.pruned_values = {}, {}  # no update is left that reads them
         return changed
+
+    @torch.no_grad()
+    def _replace_masks(self, masks: MaskSet, new: dict[str, Tensor], optimizer) -> None:
+        """Set ``new`` (True = keep): newly pruned weights' values kept aside, returning ones restored."""
+        returning = {}
+        for name, keep in new.items():
+            param, old = masks.weights[name][0], masks.masks[name]
+            pruned_now = old & ~keep
+            self.pruned_values[name][pruned_now] = param[pruned_now]
+            returning[name] = keep & ~old
+        masks.update(new, optimizer)  # zeroes the newly pruned weights and their optimizer state
+        for name, back in returning.items():
+            masks.weights[name][0][back] = self.pruned_values[name][back]
+            self.pruned_values[name][back] = 0
 
     def describe(self) -> dict:
         return {"method": self.name, "schedule": schedule_dict(self.schedule), "scope": self.scope,
                 "score": "-sum W * dL/dW (hard movement)"}
 
     def state_dict(self) -> dict:
-        return {"step": self.step, **{f"score:{name}": s for name, s in self.scores.items()}}
+        return {"step": self.step, **{f"score:{name}": s for name, s in self.scores.items()},
+                **{f"pruned_value:{name}": v for name, v in self.pruned_values.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
-        self.scores = {key.split(":", 1)[1]: value.float() for key, value in state.items() if key.startswith("score:")}
+        self.scores = {key.split(":", 1)[1]: value for key, value in state.items() if key.startswith("score:")}
+        self.pruned_values = {key.split(":", 1)[1]: value for key, value in state.items()
+                              if key.startswith("pruned_value:")}
 
 
 @dataclass
@@ -217,11 +244,12 @@ class RigL(MaskStrategy):
             fraction = sparse_methods.rigl_update_fraction(step, self.alpha, self.end)
             new, swapped = {}, 0
             for name, keep in masks.masks.items():
+                if name not in grads:  # no gradient reached this weight: nothing to grow by
+                    continue
                 param = masks.weights[name][0]
                 n_active = int(keep.sum())
-                n_swap = sparse_methods.rigl_swap_count(fraction, n_active, keep.numel() - n_active) \
-                    if name in grads else 0  # no gradient reached it: nothing to grow by
-                update = sparse_methods.rigl_drop_grow(param.detach(), grads.get(name, param.detach()), keep, n_swap)
+                n_swap = sparse_methods.rigl_swap_count(fraction, n_active, keep.numel() - n_active)
+                update = sparse_methods.rigl_drop_grow(param.detach(), grads[name], keep, n_swap)
                 with torch.no_grad():
                     param[update.grown] = 0.0
                 new[name] = update.keep
