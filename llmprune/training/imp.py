@@ -89,8 +89,9 @@ def train_rounds(run, masks, strategy, windows, order, eval_tokens, result) -> P
     """Train ``strategy.rounds + 1`` rounds (``run``: the ``llmprune.training.run._Run``);
     fills ``result.loss_curve`` (every row tagged with its ``round``) and ``result.rounds``
     (one entry per intermediate round: sparsity, loss summary, perplexities, checkpoint).
-    Returns the folder of the intermediate checkpoints (None without ``--save``): the caller
-    moves it into the final checkpoint with :func:`move_rounds`, or removes it."""
+    Returns the folder of the intermediate checkpoints (None without ``--save``), beside
+    ``--save``: the caller moves it to ``<save>/rounds`` once the final checkpoint is saved.
+    On an exception the folder is removed."""
     import dataclasses
 
     from llmprune.training.run import evaluate, summarize_loss
@@ -112,16 +113,15 @@ def train_rounds(run, masks, strategy, windows, order, eval_tokens, result) -> P
             if round_index == strategy.rounds:
                 break
             run.model.to("cpu")
+            ppl = evaluate(run.model, run.tokenizer, config, run.device, eval_tokens)
             entry = {"round": round_index, "sparsity": masks.sparsity() if masks.masks else 0.0,
-                     "loss": summarize_loss(curve),
-                     "ppl": {n: r.__dict__ for n, r in evaluate(run.model, run.tokenizer, config, run.device,
-                                                                eval_tokens).items()},
-                     "checkpoint": None}
+                     "loss": summarize_loss(curve), "ppl": {n: r.__dict__ for n, r in ppl.items()}, "checkpoint": None}
             if staging is not None:
                 folder = staging / f"round-{round_index}"
+                seen = result.tokens_seen * (round_index + 1) // (strategy.rounds + 1)  # the trainings so far
                 snapshot = dataclasses.replace(result, strategy=strategy.describe(), loss_curve=curve,
-                                               pattern=Unstructured(round(entry["sparsity"], 6)),
-                                               sparsity=entry["sparsity"], after_ppl={}, after_zeroshot={})
+                                               pattern=Unstructured(round(entry["sparsity"], 6)), tokens_seen=seen,
+                                               sparsity=entry["sparsity"], after_ppl=ppl, after_zeroshot={})
                 run.save(snapshot, masks, target=folder)
                 entry["checkpoint"] = f"rounds/round-{round_index}"
             result.rounds.append(entry)
@@ -133,9 +133,3 @@ def train_rounds(run, masks, strategy, windows, order, eval_tokens, result) -> P
             shutil.rmtree(staging, ignore_errors=True)
         raise
     return staging
-
-
-def move_rounds(staging: Path | None, save: str | None) -> None:
-    """Move the intermediate rounds' checkpoints into ``<save>/rounds``."""
-    if staging is not None and staging.is_dir():
-        staging.rename(Path(save) / "rounds")

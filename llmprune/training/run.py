@@ -310,11 +310,11 @@ class _Run:
         result.seconds = self.seconds
         try:
             self.save(result, masks)
+            if rounds_folder is not None:
+                rounds_folder.rename(Path(config.save) / "rounds")  # IMP's intermediate rounds
         finally:
             if rounds_folder is not None:
-                from llmprune.training import imp
-
-                imp.move_rounds(rounds_folder, config.save)
+                shutil.rmtree(rounds_folder, ignore_errors=True)  # still there only if the save failed
         if config.results is not None:
             from llmprune.checkpoints.files import write_json_atomic
 
