@@ -39,8 +39,8 @@ def keep_largest(score: Tensor, n_keep: int) -> Tensor:
 def keep_highest_scores(scores: dict[str, Tensor], sparsity: float, scope: str = "layer") -> dict[str, Tensor]:
     """Keep masks removing the lowest ``scores`` at ``sparsity``: ``scope="layer"`` removes
     exactly ``int(numel * sparsity)`` of each tensor, ``scope="global"`` exactly
-    ``int(total * sparsity)`` over all tensors together (ties: lower index, then earlier name,
-    removed first). Returns ``{name: bool tensor}`` shaped and placed like each score."""
+    ``int(total * sparsity)`` over all tensors together (ties: the earlier tensor in
+    ``scores``' order, then the lower index, removed first). Returns ``{name: bool tensor}`` shaped and placed like each score."""
     if scope == "layer":
         return {name: keep_largest(s, s.numel() - int(s.numel() * sparsity)) for name, s in scores.items()}
     if scope != "global":

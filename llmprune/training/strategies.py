@@ -275,8 +275,8 @@ class IterativeMagnitude(MaskStrategy):
     """Iterative magnitude pruning (Frankle & Carbin 2019): the masks stay fixed while a round
     trains; between rounds the driver (``llmprune.training.imp``) calls :meth:`prune_round`,
     which removes the smallest |w| of the surviving weights so that after round r the
-    sparsity is ``1 - (1 - rate)^r`` (per matrix, or over all with ``scope="global"``), and
-    then rewinds the survivors to the state named by ``rewind`` (``"init"`` or ``"step:K"``)."""
+    sparsity is ``1 - (1 - rate)^r`` (per matrix, or over all with ``scope="global"``); the
+    driver then rewinds the survivors to the state ``rewind`` names (``"init"`` or ``"step:K"``)."""
 
     rounds: int
     rate: float
