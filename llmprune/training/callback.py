@@ -16,7 +16,7 @@ counted) lets the strategy update the masks, zeroing the optimizer state of newl
 weights; ``on_save`` writes the masks and the strategy's state into the Trainer checkpoint
 (``llmprune-masks.safetensors``, ``llmprune-strategy.json``) and then the marker
 ``llmprune-complete.json``, so a checkpoint without the marker is known to be incomplete.
-A strategy's tensors (movement pruning's scores) go to ``llmprune-strategy.safetensors``.
+A strategy's tensors (movement pruning's scores and kept-aside weights) go to ``llmprune-strategy.safetensors``.
 After :meth:`SparsityCallback.restore`, ``on_train_begin`` calls the strategy's ``resume``
 instead of ``begin``.
 """

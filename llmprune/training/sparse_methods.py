@@ -40,7 +40,8 @@ def keep_highest_scores(scores: dict[str, Tensor], sparsity: float, scope: str =
     """Keep masks removing the lowest ``scores`` at ``sparsity``: ``scope="layer"`` removes
     exactly ``int(numel * sparsity)`` of each tensor, ``scope="global"`` exactly
     ``int(total * sparsity)`` over all tensors together (ties: the earlier tensor in
-    ``scores``' order, then the lower index, removed first). Returns ``{name: bool tensor}`` shaped and placed like each score."""
+    ``scores``' order, then the lower index, removed first). Returns ``{name: bool tensor}``
+    shaped and placed like each score."""
     if scope == "layer":
         return {name: keep_largest(s, s.numel() - int(s.numel() * sparsity)) for name, s in scores.items()}
     if scope != "global":
