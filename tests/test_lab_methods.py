@@ -135,6 +135,30 @@ def train_steps(model, masks, strategy, optimizer, generator, first: int, last: 
             record(step, before, grads)
 
 
+def test_recorded_dense_gradients_are_the_unmasked_sum_over_micro_batches():
+    torch.manual_seed(0)
+    model = TwoLinears()
+    masks = MaskSet.dense(model)
+    masks.update({n: torch.rand(p.shape) < 0.3 for n, (p, _) in masks.weights.items()})
+    masks.attach()
+    generator = torch.Generator().manual_seed(8)
+    hand = {n: torch.zeros(p.shape) for n, (p, _) in masks.weights.items()}
+    masks.record_dense_grads = True
+    for _ in range(3):
+        batch = make_batch(generator)
+        for name, g in model.hand_grads(batch).items():
+            hand[name] += g
+        model.loss(batch).backward()
+    grads = masks.pop_dense_grads()
+    assert masks.dense_grads == {} and set(grads) == set(hand)
+    for name, (param, _) in masks.weights.items():
+        torch.testing.assert_close(grads[name], hand[name], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(param.grad, hand[name] * masks.masks[name], rtol=1e-5, atol=1e-7)  # still masked
+    masks.record_dense_grads = False
+    model.loss(make_batch(generator)).backward()
+    assert masks.pop_dense_grads() == {}
+
+
 @pytest.mark.parametrize("distribution", ["uniform", "erk"])
 def test_rigl_updates_follow_the_formula_and_keep_each_layer_count(distribution):
     torch.manual_seed(0)
