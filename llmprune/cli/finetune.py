@@ -28,6 +28,14 @@ def format_table(result) -> str:
         for name, r in results.items():
             rows.append((f"{label} {name}", f"{r.ppl:.3f}", str(r.n_tokens), str(r.seqlen)))
     lines = aligned(rows)
+    if result.rounds:  # --method imp
+        sources = sorted({name for entry in result.rounds for name in entry["ppl"]})
+        table = [("imp round", "sparsity", *(f"ppl {name}" for name in sources), "checkpoint")]
+        for entry in result.rounds:
+            table.append((str(entry["round"]), f"{entry['sparsity']:.4f}",
+                          *(f"{entry['ppl'][n]['ppl']:.3f}" if n in entry["ppl"] else "-" for n in sources),
+                          entry["checkpoint"] or "-"))
+        lines += ["", *aligned(table)]
     lines += format_task_rows([("before", result.before_zeroshot), ("after", result.after_zeroshot)])
     loss = result.loss_summary()
     if loss:

@@ -16,6 +16,9 @@ counted) lets the strategy update the masks, zeroing the optimizer state of newl
 weights; ``on_save`` writes the masks and the strategy's state into the Trainer checkpoint
 (``llmprune-masks.safetensors``, ``llmprune-strategy.json``) and then the marker
 ``llmprune-complete.json``, so a checkpoint without the marker is known to be incomplete.
+A strategy's tensors (movement pruning's scores and kept-aside weights) go to ``llmprune-strategy.safetensors``.
+After :meth:`SparsityCallback.restore`, ``on_train_begin`` calls the strategy's ``resume``
+instead of ``begin``.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 MASKS_FILE = "llmprune-masks.safetensors"
 STRATEGY_FILE = "llmprune-strategy.json"
+STRATEGY_TENSORS_FILE = "llmprune-strategy.safetensors"
 COMPLETE_FILE = "llmprune-complete.json"
 
 
@@ -50,6 +54,8 @@ class SparsityCallback(TrainerCallback):
         self.masks.attach()
         if not self._started and state.global_step == 0:
             self.strategy.begin(self.masks, optimizer)
+        elif self._started:
+            self.strategy.resume(self.masks, state.global_step, optimizer)
         self._started = True
 
     def on_optimizer_step(self, args, state, control, **kwargs):
@@ -80,17 +86,25 @@ class SparsityCallback(TrainerCallback):
 
         folder = Path(folder)
         self.masks.load_state_dict(load_file(folder / MASKS_FILE))
-        self.strategy.load_state_dict(json.loads((folder / STRATEGY_FILE).read_text()))
+        state = json.loads((folder / STRATEGY_FILE).read_text())
+        if (folder / STRATEGY_TENSORS_FILE).is_file():
+            state.update(load_file(folder / STRATEGY_TENSORS_FILE))
+        self.strategy.load_state_dict(state)
         self._started = True
 
 
 def save_state(folder: Path, masks: MaskSet, strategy: MaskStrategy, step: int) -> None:
-    """Masks, strategy state, then the completeness marker, each file atomic and fsynced."""
+    """Masks, strategy state (its tensor values in a safetensors file, the rest JSON), then the
+    completeness marker, each file atomic and fsynced."""
     from safetensors.torch import save_file
 
     tensors = {name: mask.to(torch.uint8).contiguous() for name, mask in masks.state_dict().items()}
     replace_atomically(folder / MASKS_FILE, lambda tmp: save_file(tensors, str(tmp)), durable=True)
-    text = json.dumps(strategy.state_dict())
+    state = strategy.state_dict()
+    state_tensors = {k: v.detach().cpu().contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    text = json.dumps({k: v for k, v in state.items() if k not in state_tensors})
+    if state_tensors:
+        replace_atomically(folder / STRATEGY_TENSORS_FILE, lambda tmp: save_file(state_tensors, str(tmp)), durable=True)
     replace_atomically(folder / STRATEGY_FILE, lambda tmp: tmp.write_text(text), durable=True)
     marker = json.dumps({"step": step})
     replace_atomically(folder / COMPLETE_FILE, lambda tmp: tmp.write_text(marker), durable=True)

@@ -37,17 +37,33 @@ class FinetuneConfig:
     weight_decay: float = _opt(0.0, "AdamW weight decay")
     max_grad_norm: float = _opt(1.0, "gradient clipping norm (0: off)")
     seed: int = _opt(0, "seed for the data order and the Trainer")
-    method: str = _opt("gmp", "mask-update strategy: gmp (gradual magnitude pruning with --schedule)")
-    schedule: str = _opt("constant", "constant (keep the loaded mask) or cubic (prune gradually during training)")
+    method: str = _opt("gmp", "mask-update strategy: gmp (gradual magnitude pruning with --schedule), movement "
+                              "(hard movement pruning on the cubic schedule flags), rigl (drop / grow at "
+                              "--sparsity-to), imp (iterative magnitude pruning with rewinding); l0 is not built yet")
+    schedule: str = _opt("constant", "gmp: constant (keep the loaded mask) or cubic (prune gradually during "
+                                     "training); movement always prunes on the cubic schedule")
     sparsity_from: float = _opt(0.0, "cubic: initial sparsity s_i, in [0, 1)")
-    sparsity_to: float | None = _opt(None, "cubic: final sparsity s_f, in [0, 1) (default for N:M: 1 - N/M)")
+    sparsity_to: float | None = _opt(None, "cubic and movement: final sparsity s_f, in [0, 1) (default for N:M: "
+                                           "1 - N/M); rigl: the sparsity throughout; imp: after the last round")
     prune_every: int = _opt(50, "cubic: steps between mask updates (dt)")
     prune_start: int = _opt(0, "cubic: first mask update step (t0)")
     prune_end: int | None = _opt(None, "cubic: last mask update step (default: the last multiple of --prune-every "
                                        "at or below 3/4 of --steps)")
     pattern: str | None = _opt(None, "'unstructured' or 'N:M' (cubic: the target; constant: checked against the "
                                      "loaded mask; default: the checkpoint's declared pattern)")
-    scope: str = _opt("layer", "unstructured magnitude ranking: layer (each matrix) or global (all together)")
+    scope: str = _opt("layer", "unstructured ranking (gmp, imp: magnitude; movement: scores): layer (each matrix) or "
+                               "global (all together)")
+    imp_rounds: int = _opt(3, "imp: pruning rounds R; the model trains R + 1 times, --steps each (dense first)")
+    imp_rate: float | None = _opt(None, "imp: fraction p of the remaining weights pruned after each training, in "
+                                        "(0, 1) (default: 1 - (1 - S)^(1/R), so that round R reaches --sparsity-to S)")
+    rewind: str = _opt("init", "imp: what the surviving weights are rewound to after each pruning: init (the weights "
+                               "before training) or step:K (step K of the dense training, 'late rewinding')")
+    rigl_alpha: float = _opt(0.3, "rigl: fraction a of each matrix's active weights replaced at step 0, decayed as "
+                                  "a (1 + cos(pi t / T_end)) / 2; in (0, 1]")
+    rigl_every: int = _opt(100, "rigl: steps between drop / grow updates (dT)")
+    rigl_end: int | None = _opt(None, "rigl: the step T_end from which the masks stay fixed (default: 3/4 of --steps)")
+    rigl_distribution: str = _opt("uniform", "rigl: per-matrix sparsity: uniform (--sparsity-to everywhere) or erk "
+                                             "(Erdos-Renyi-Kernel, the same total)")
     distill_weight: float = _opt(0.5, "weight a of KL(teacher || student): loss = (1 - a) LM + a KL "
                                       "(1 = distillation only, 0 = plain LM loss)")
     distill_temp: float = _opt(1.0, "distillation temperature T (the KL is scaled by T^2)")

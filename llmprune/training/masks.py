@@ -10,6 +10,11 @@ three ways, so that no pruned weight ever comes back:
   decay, or an optimizer that moves weights without a gradient, cannot revive them);
 * on the optimizer state, :meth:`MaskSet.zero_optimizer_state` when a mask changes (Adam's
   moments of a newly pruned weight are zeroed, so they cannot push it back).
+
+Methods that score weights by their gradient (RigL grows the pruned weights of largest
+|grad|) need the gradient before it is masked: with ``record_dense_grads`` on, the same hook
+adds each unmasked gradient into :attr:`MaskSet.dense_grads` (read with
+:meth:`MaskSet.pop_dense_grads`).
 """
 
 from __future__ import annotations
@@ -69,6 +74,10 @@ class MaskSet:
     ``weights``: ``{name: (parameter, transposed)}`` (:func:`prunable_weights`); ``masks``:
     ``{name: bool tensor}`` in each parameter's layout and on its device. Masks are replaced
     with :meth:`update`; the gradient hooks always read the current mask.
+
+    ``record_dense_grads`` (default False): while True, the gradient hooks also add every
+    unmasked gradient (fp32, the parameter's layout) into ``dense_grads[name]``, a sum over
+    the backward passes since the last :meth:`pop_dense_grads` (one per micro-batch).
     """
 
     def __init__(self, weights: dict[str, tuple[nn.Parameter, bool]], masks: dict[str, Tensor]):
@@ -77,6 +86,8 @@ class MaskSet:
         self.weights = weights
         self.masks: dict[str, Tensor] = {}
         self._hooks: list = []
+        self.record_dense_grads = False
+        self.dense_grads: dict[str, Tensor] = {}
         for name, mask in masks.items():
             self._set(name, mask)
 
@@ -104,9 +115,23 @@ class MaskSet:
         """Register the gradient hooks (idempotent) and zero the pruned weights; returns self."""
         if not self._hooks:
             for name, (param, _) in self.weights.items():
-                self._hooks.append(param.register_hook(lambda grad, name=name: grad * self.masks[name]))
+                self._hooks.append(param.register_hook(lambda grad, name=name: self._masked_grad(name, grad)))
         self.apply_to_weights()
         return self
+
+    def _masked_grad(self, name: str, grad: Tensor) -> Tensor:
+        if self.record_dense_grads:
+            if name in self.dense_grads:
+                self.dense_grads[name].add_(grad.detach())
+            else:
+                self.dense_grads[name] = grad.detach().to(torch.float32, copy=True)
+        return grad * self.masks[name]
+
+    def pop_dense_grads(self) -> dict[str, Tensor]:
+        """The unmasked gradients recorded since the last call (``{name: fp32 tensor}`` in each
+        parameter's layout; names without a backward pass are absent); the record is emptied."""
+        grads, self.dense_grads = self.dense_grads, {}
+        return grads
 
     def detach(self) -> None:
         """Remove the gradient hooks."""

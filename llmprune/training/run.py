@@ -49,14 +49,11 @@ class FinetuneResult:
     seconds: dict = field(default_factory=dict)
     resumed_from_step: int = 0
     results_path: Path | None = None
+    # --method imp: one entry per intermediate round, then the last (llmprune.training.imp.train_rounds)
+    rounds: list[dict] = field(default_factory=list)
 
     def loss_summary(self) -> dict:
-        losses = [row["loss"] for row in self.loss_curve]
-        if not losses:
-            return {}
-        tail = losses[-max(1, len(losses) // 10):]
-        return {"first": losses[0], "last": losses[-1], "min": min(losses), "mean_last_10pct": sum(tail) / len(tail),
-                "steps_logged": len(losses)}
+        return summarize_loss(self.loss_curve)
 
     def recipe(self) -> dict:
         c = self.config
@@ -76,7 +73,17 @@ class FinetuneResult:
         return {"finetune": self.recipe(), "sparsity": self.sparsity, "before_ppl": ppl(self.before_ppl),
                 "after_ppl": ppl(self.after_ppl), "before_zeroshot": self.before_zeroshot,
                 "after_zeroshot": self.after_zeroshot, "loss_curve": self.loss_curve, "seconds": self.seconds,
-                "resumed_from_step": self.resumed_from_step}
+                "resumed_from_step": self.resumed_from_step, "rounds": self.rounds}
+
+
+def summarize_loss(curve: list[dict]) -> dict:
+    """First, last, min and mean-of-the-last-10 % of the ``loss`` rows of a loss curve ({} if none)."""
+    losses = [row["loss"] for row in curve]
+    if not losses:
+        return {}
+    tail = losses[-max(1, len(losses) // 10):]
+    return {"first": losses[0], "last": losses[-1], "min": min(losses), "mean_last_10pct": sum(tail) / len(tail),
+            "steps_logged": len(losses)}
 
 
 def finetune(model: str | None = None, **options) -> FinetuneResult:
@@ -102,7 +109,8 @@ def _validate(config: FinetuneConfig) -> None:
     from llmprune.checkpoints.save import check_save_format
     from llmprune.runtime import devices
     from llmprune.training.criteria import SCOPES
-    from llmprune.training.strategies import METHODS
+    from llmprune.training.sparse_methods import DISTRIBUTIONS
+    from llmprune.training.strategies import METHODS, NOT_BUILT
 
     if not config.model:
         raise UsageError("--model is required: a pruned checkpoint folder, Hub id, .gguf file or alias")
@@ -121,8 +129,28 @@ def _validate(config: FinetuneConfig) -> None:
         raise UsageError(f"--distill-weight must be in [0, 1], got {config.distill_weight!r}")
     if not config.distill_temp > 0:
         raise UsageError(f"--distill-temp must be > 0, got {config.distill_temp!r}")
+    if config.method in NOT_BUILT:
+        raise UsageError(f"--method {config.method} is not built yet; valid: {', '.join(METHODS)}")
     if config.method not in METHODS:
         raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {config.method!r}")
+    if config.method == "imp":
+        from llmprune.training import imp
+
+        check_int("--imp-rounds", config.imp_rounds)
+        imp.resolve_rate(config.imp_rounds, config.imp_rate, config.sparsity_to)
+        imp.parse_rewind(config.rewind, config.steps)
+        if config.work_dir is not None or config.resume:
+            raise UsageError("--method imp does not take --work-dir / --resume yet: its rounds are not resumable")
+    if config.method == "rigl":
+        check_int("--rigl-every", config.rigl_every)
+        check_int("--rigl-end", config.rigl_end, optional=True)
+        if not (isinstance(config.rigl_alpha, (int, float)) and 0.0 < config.rigl_alpha <= 1.0):
+            raise UsageError(f"--rigl-alpha must be in (0, 1], got {config.rigl_alpha!r}")
+        if config.rigl_end is not None and config.rigl_end > config.steps:
+            raise UsageError(f"--rigl-end {config.rigl_end} must be at most --steps {config.steps}")
+        if config.rigl_distribution not in DISTRIBUTIONS:
+            raise UsageError(f"--rigl-distribution must be one of {', '.join(DISTRIBUTIONS)}, "
+                             f"got {config.rigl_distribution!r}")
     if config.schedule not in SCHEDULES:
         raise UsageError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {config.schedule!r}")
     if config.scope not in SCOPES:
@@ -132,7 +160,7 @@ def _validate(config: FinetuneConfig) -> None:
         if value is not None and not 0.0 <= value < 1.0:
             raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1), got {value!r}")
     target_pattern(config)
-    if config.schedule == "cubic":
+    if gradual(config):
         end = config.prune_end
         if end is not None and (end <= config.prune_start or end > config.steps):
             raise UsageError(f"--prune-end {end} must be after --prune-start {config.prune_start} and at most "
@@ -156,17 +184,33 @@ def _validate(config: FinetuneConfig) -> None:
     data.check_disjoint(config.dataset, config.eval_sources)
 
 
+def gradual(config: FinetuneConfig) -> bool:
+    """True when the run sets its own masks towards ``--sparsity-to``: gmp with the cubic
+    schedule, movement (always cubic) and rigl (that sparsity from the start)."""
+    return config.schedule == "cubic" or config.method != "gmp"
+
+
 def target_pattern(config: FinetuneConfig) -> Pattern | None:
-    """The pattern asked for: cubic's target (N:M, or unstructured at ``--sparsity-to``), or the
-    pattern the loaded masks are checked against (constant); None when not given."""
+    """The pattern asked for: the target of a gradual run (:func:`gradual`; N:M, or
+    unstructured at ``--sparsity-to``), or the pattern the loaded masks are checked against
+    (constant); None when not given."""
     try:
-        if config.schedule == "cubic":
+        if gradual(config):
             text = config.pattern or "unstructured"
-            if text.strip().lower() == "unstructured":
+            asking = "--schedule cubic" if config.method == "gmp" else f"--method {config.method}"
+            if text.strip().lower() == "unstructured" and config.method == "imp":
+                from llmprune.training import imp, sparse_methods
+
+                rate = imp.resolve_rate(config.imp_rounds, config.imp_rate, config.sparsity_to)
+                pattern = Unstructured(sparse_methods.imp_round_sparsity(rate, config.imp_rounds))
+            elif text.strip().lower() == "unstructured":
                 if config.sparsity_to is None:
-                    raise UsageError("--schedule cubic needs --sparsity-to (the final sparsity, in [0, 1)) "
-                                     "or --pattern N:M")
+                    raise UsageError(f"{asking} needs --sparsity-to (the final sparsity, in [0, 1))"
+                                     + (" or --pattern N:M" if config.method == "gmp" else ""))
                 pattern = Unstructured(float(config.sparsity_to))
+            elif config.method != "gmp":
+                raise UsageError(f"--method {config.method} prunes unstructured; got --pattern {config.pattern!r} "
+                                 "(valid: unstructured, or N:M with --method gmp)")
             else:
                 pattern = parse_pattern(text, config.sparsity_to)
             if config.sparsity_from > pattern.target_sparsity:
@@ -235,14 +279,22 @@ class _Run:
         result = FinetuneResult(config, self.model, self.tokenizer, pattern, teacher=self.teacher_name,
                                 strategy=strategy.describe())
         result.data_sha256 = _data_sha(windows, order)
-        result.tokens_seen = config.steps * config.batch_size * config.grad_accum * windows.shape[1]
+        trainings = config.imp_rounds + 1 if config.method == "imp" else 1
+        result.tokens_seen = trainings * config.steps * config.batch_size * config.grad_accum * windows.shape[1]
         if config.eval_before:
             start = time.perf_counter()
             result.before_ppl = evaluate(self.model, self.tokenizer, config, self.device, eval_tokens)
             result.before_zeroshot = evaluate_tasks(self.model, self.tokenizer, self.tasks, self.device)
             self.seconds["eval_before"] = time.perf_counter() - start
         start = time.perf_counter()
-        result.loss_curve, result.resumed_from_step = self.train(masks, strategy, windows, order)
+        rounds_folder = None
+        if config.method == "imp":
+            from llmprune.training import imp
+
+            rounds_folder = imp.train_rounds(self, masks, strategy, windows, order, eval_tokens, result)
+            result.strategy = strategy.describe()
+        else:
+            result.loss_curve, result.resumed_from_step = self.train(masks, strategy, windows, order)
         self.seconds["train"] = time.perf_counter() - start
         self.model.to("cpu")
         result.sparsity = masks.sparsity() if masks.masks else 0.0
@@ -250,8 +302,19 @@ class _Run:
         result.after_ppl = evaluate(self.model, self.tokenizer, config, self.device, eval_tokens)
         result.after_zeroshot = evaluate_tasks(self.model, self.tokenizer, self.tasks, self.device)
         self.seconds["eval_after"] = time.perf_counter() - start
+        if result.rounds:
+            last = [row for row in result.loss_curve if row["round"] == strategy.round]
+            result.rounds.append({"round": strategy.round, "sparsity": result.sparsity, "loss": summarize_loss(last),
+                                  "ppl": {n: r.__dict__ for n, r in result.after_ppl.items()},
+                                  "checkpoint": "." if config.save else None})
         result.seconds = self.seconds
-        self.save(result, masks)
+        try:
+            self.save(result, masks)
+            if rounds_folder is not None:
+                rounds_folder.rename(Path(config.save) / "rounds")  # IMP's intermediate rounds
+        finally:
+            if rounds_folder is not None:
+                shutil.rmtree(rounds_folder, ignore_errors=True)  # still there only if the save failed
         if config.results is not None:
             from llmprune.checkpoints.files import write_json_atomic
 
@@ -296,6 +359,7 @@ class _Run:
         """The masks (from the checkpoint's zeros where it declares pruned weights, else dense)
         and the mask-update strategy; the pattern checked against the weights."""
         from llmprune.models.architecture import check_pattern_fits, find_decoder_layers
+        from llmprune.training import imp
         from llmprune.training.masks import MaskSet, prunable_weights
         from llmprune.training.schedules import ConstantSchedule, cubic_for_run
         from llmprune.training.strategies import METHODS
@@ -306,7 +370,7 @@ class _Run:
         declared_pattern = pattern_from_dict(declared) if declared else None
         weights = prunable_weights(self.model)
         pruned_names = set(self.meta.get("pruned_weights") or {})
-        if config.schedule == "cubic":
+        if gradual(config):
             _, layers = find_decoder_layers(self.model)
             check_pattern_fits(layers, asked)
             schedule = cubic_for_run(config.sparsity_from, asked.target_sparsity, steps=config.steps,
@@ -328,7 +392,12 @@ class _Run:
             elif pattern is None and masks.masks:
                 pattern = Unstructured(round(masks.sparsity(), 6))
         nm = pattern if isinstance(pattern, NM) else None
-        strategy = METHODS[config.method](schedule=schedule, pattern=nm, scope=config.scope)
+        strategy = METHODS[config.method](
+            schedule=schedule, pattern=nm, scope=config.scope, sparsity=pattern.target_sparsity if pattern else 0.0,
+            steps=config.steps, rigl_alpha=config.rigl_alpha, rigl_every=config.rigl_every, rigl_end=config.rigl_end,
+            rigl_distribution=config.rigl_distribution, imp_rounds=config.imp_rounds, rewind=config.rewind,
+            imp_rate=imp.resolve_rate(config.imp_rounds, config.imp_rate, config.sparsity_to)
+            if config.method == "imp" else None)
         return masks, strategy, pattern
 
     def read_data(self):
@@ -343,9 +412,9 @@ class _Run:
         eval_tokens = {s: calibration.get_eval_tokens(s, self.tokenizer, seqlen=seqlen) for s in config.eval_sources}
         return windows, order, eval_tokens
 
-    def train(self, masks, strategy, windows, order) -> tuple[list[dict], int]:
+    def train(self, masks, strategy, windows, order, callbacks=()) -> tuple[list[dict], int]:
         """The Trainer run (resumed from the work folder's last complete checkpoint with
-        ``--resume``); returns the loss curve and the step it resumed from."""
+        ``--resume``), with ``callbacks`` added; returns the loss curve and the step it resumed from."""
         from transformers import TrainingArguments
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -380,6 +449,8 @@ class _Run:
         trainer.remove_callback(ProgressCallback)
         trainer.remove_callback(PrinterCallback)
         trainer.add_callback(ProgressBar(config.progress))
+        for extra in callbacks:
+            trainer.add_callback(extra)
         try:
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
             history = trainer.state.log_history
@@ -413,18 +484,21 @@ class _Run:
                 shutil.rmtree(folder, ignore_errors=True)  # a kill during its save
         return latest_complete_checkpoint(work) if self.config.resume else None
 
-    def save(self, result: FinetuneResult, masks) -> None:
+    def save(self, result: FinetuneResult, masks, target: Path | None = None) -> None:
+        """The checkpoint of ``result`` at ``--save`` (or at ``target``, a new folder: an
+        intermediate IMP round)."""
         config = self.config
-        if config.save is None:
+        if target is None and config.save is None:
             return
         from llmprune.checkpoints import format as fmt
         from llmprune.checkpoints.modelcard import base_model_info
         from llmprune.checkpoints.save import save_checkpoint
 
+        folder = config.save if target is None else target
         pattern = pattern_to_dict(result.pattern) if result.pattern is not None else None
         for name in masks.masks:  # the pattern is checked on the weights that are saved
             weight = masks.weight_rows(name)
-            fmt.verify_matrix(weight, fmt.make_entry(weight, "dense", False, pattern), f"{config.save}: {name}")
+            fmt.verify_matrix(weight, fmt.make_entry(weight, "dense", False, pattern), f"{folder}: {name}")
         earlier = self.meta.get("recipe") or {}
         recipe = {**earlier, "pattern": pattern, "finetune": result.recipe()}
         recipe.setdefault("method", strategy_method(result))
@@ -435,8 +509,8 @@ class _Run:
         metadata = {"recipe": recipe, "results": results, "layers": masks.report()}
         base = self.meta.get("base_model") or base_model_info(config.model, online=False)
         declared = {name: pattern for name in masks.masks}
-        save_checkpoint(self.model, self.tokenizer, config.save, metadata, save_format=config.save_format,
-                        pruned=declared, base_model=base, overwrite=config.overwrite)
+        save_checkpoint(self.model, self.tokenizer, folder, metadata, save_format=config.save_format,
+                        pruned=declared, base_model=base, overwrite=config.overwrite and target is None)
 
 
 def strategy_method(result: FinetuneResult) -> str:
