@@ -387,6 +387,9 @@ def test_cli_rigl_run_saves_exact_masks_and_its_provenance(tiny_llama_dir, train
     strategy = meta["recipe"]["finetune"]["strategy"]
     assert strategy == {"method": "rigl", "sparsity": 0.9, "distribution": "erk", "alpha": 0.5, "every": 2, "end": 6}
     assert meta["recipe"]["method"] == "rigl"
+    card = (save / "README.md").read_text()
+    assert ("- sparsity schedule: RigL at sparsity 0.9 (erk): drop / grow a fraction 0.5 (cosine decay) "
+            "every 2 steps until step 6") in card
     model = llmprune.load(save)  # checks every declared weight's nonzero count
     masks = MaskSet.from_zeros(model)
     shapes = {n: tuple(masks.rows(n).shape) for n in masks.masks}

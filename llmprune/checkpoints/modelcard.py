@@ -509,19 +509,32 @@ def _finetune_intro(recipe: dict) -> list[str]:
             "the sparsity pattern kept (see Fine-tuning below)."]
 
 
+def _strategy_text(strategy: dict) -> str:
+    """One line for the mask-update strategy ``llmprune.training.strategies`` described
+    (``MaskStrategy.describe()``)."""
+    method = strategy.get("method", "gmp")
+    schedule = strategy.get("schedule") or {}
+    cubic = (f"cubic (Zhu & Gupta) from sparsity {schedule.get('initial', 0):g} to {schedule.get('final', 0):g}, "
+             f"every {schedule.get('every')} steps from step {schedule.get('start')} to {schedule.get('end')}")
+    if method == "movement":
+        return f"movement pruning (hard, top-k of -W * dL/dW accumulated), {cubic}"
+    if method == "rigl":
+        return (f"RigL at sparsity {strategy.get('sparsity'):g} ({strategy.get('distribution')}): drop / grow a fraction "
+                f"{strategy.get('alpha'):g} (cosine decay) every {strategy.get('every')} steps until step {strategy.get('end')}")
+    if method == "imp":
+        return (f"iterative magnitude pruning, {strategy.get('rounds')} rounds of {strategy.get('rate'):g} of the "
+                f"survivors, rewound to {strategy.get('rewind')} (final sparsity {strategy.get('final_sparsity'):.4g})")
+    if schedule.get("kind") == "cubic":
+        return f"{cubic}, masks recomputed by magnitude"
+    return "constant (the loaded mask kept)"
+
+
 def _finetune_lines(recipe: dict) -> list[str]:
     """The fine-tuning recipe (``recipe["finetune"]``, written by ``llmprune.finetune``)."""
     ft = recipe.get("finetune")
     if not ft:
         return []
-    strategy = ft.get("strategy") or {}
-    schedule = strategy.get("schedule") or {}
-    if schedule.get("kind") == "cubic":
-        schedule_text = (f"cubic (Zhu & Gupta) from sparsity {schedule['initial']:g} to {schedule['final']:g}, "
-                         f"masks recomputed by magnitude every {schedule['every']} steps from step {schedule['start']} "
-                         f"to {schedule['end']}")
-    else:
-        schedule_text = "constant (the loaded mask kept)"
+    schedule_text = _strategy_text(ft.get("strategy") or {})
     loss = ft.get("loss") or {}
     data = ft.get("data") or {}
     lines = [
