@@ -97,13 +97,21 @@ def flags_of(options: str) -> dict:
     return out
 
 
+def cpu_description() -> str:
+    """This CPU's model name and the kernel level torch dispatches to (e.g. AVX512): fp32
+    results depend on both, through the matmul kernels' summation order."""
+    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+             if line.startswith("model name")] if Path("/proc/cpuinfo").exists() else []
+    return f"{names[0] if names else platform.machine()}, {torch.backends.cpu.get_cpu_capability()}"
+
+
 def reference_for(row: dict, rows: list[dict], superseded: list[dict] = ()) -> dict | None:
     """The plain SparseGPT row ``row`` is compared with: the one of its setting run at the same
-    commit (a row that ``--rerun`` replaced is still there, in ``superseded``), else the
-    setting's current one (None when there is none)."""
+    commit on the same CPU (a row that ``--rerun`` replaced is still there, in
+    ``superseded``), else the setting's current one (None when there is none)."""
     bases = [r for r in [*rows, *superseded]
              if r["setting"] == row["setting"] and r["method"] == "sparsegpt" and r["options"] == "base"]
-    same = [r for r in bases if r["commit"] == row["commit"]]
+    same = [r for r in bases if r["commit"] == row["commit"] and r.get("cpu") == row.get("cpu")]
     return (same or [r for r in bases if r in rows] or [None])[0]
 
 
@@ -153,7 +161,7 @@ def merge_into(out: Path, sources: list[Path]) -> None:
     evaluation tokens) to ``out``; a row replacing one of another commit moves that one to
     ``superseded`` (see :func:`reference_for`)."""
     payload = json.loads(out.read_text())
-    key = lambda r: (r["setting"], r["method"], r["options"], r["commit"])  # noqa: E731
+    key = lambda r: (r["setting"], r["method"], r["options"], r["commit"], r.get("cpu"))  # noqa: E731
     for source in sources:
         other = json.loads(source.read_text())
         for name in ("model", "nsamples", "seqlen", "eval_tokens"):
@@ -170,7 +178,7 @@ def merge_into(out: Path, sources: list[Path]) -> None:
                 payload["rows"].append(row)
             elif payload["rows"][same[0]] != row:
                 old = payload["rows"][same[0]]
-                if old["commit"] != row["commit"] and key(old) not in {key(r) for r in payload.get("superseded", [])}:
+                if key(old) != key(row) and key(old) not in {key(r) for r in payload.get("superseded", [])}:
                     payload.setdefault("superseded", []).append(old)
                 payload["rows"][same[0]] = row
     write_json_atomic(out, payload)
@@ -220,6 +228,7 @@ def main() -> None:
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     order = [r for r in order if not skip & set(r[2].split("+"))]
 
+    cpu = cpu_description()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parents[1]).stdout.strip()
     if args.rerun and not args.rows:
@@ -271,7 +280,8 @@ def main() -> None:
                "ppl": ppl(), "sparsity": result.sparsity,
                "prune_seconds": sum(result.seconds.get(k, 0.0) for k in PHASES),
                "prune_cpu_seconds": cpu, "wall_seconds": wall,
-               "phases": {k: result.seconds[k] for k in PHASES if k in result.seconds}, "commit": commit}
+               "phases": {k: result.seconds[k] for k in PHASES if k in result.seconds}, "commit": commit,
+               "cpu": cpu}
         same = [k for k, r in enumerate(rows) if (r["setting"], r["method"], r["options"]) == (setting, method, options)]
         if same:  # --rerun: in place of the earlier row, which stays in "superseded" (see reference_for)
             payload.setdefault("superseded", []).append(rows[same[0]])
