@@ -207,22 +207,31 @@ def _allocate_two_sizes(key: tuple[tuple[int, int], ...], targets: Sequence[floa
             out.append((values[j], 0.0 if values[j] == 0 else (keys[j] + high) / (2 * size * rest), int(j != i)))
         return out
 
-    # DP over members: state = removal so far -> (distance to the quotas, moves, sparsities)
-    target = len(targets) * uniform
+    # DP over members: state = removal so far minus the start values' -> (distance to the
+    # quotas, moves, sparsities). States are kept within ``window`` of 0: the gap left is at
+    # most ``reach``, so a path closing it never needs more (without the bound the distinct
+    # sums grow with every member: SmolLM2's 30 layers took minutes).
+    needed = len(targets) * uniform - sum(values[i] for i in start)
+    window = abs(needed) + 3 * reach
     best: dict[int, tuple[float, int, tuple[float, ...]]] = {0: (0.0, 0, ())}
     for q, i in zip(quotas, start):
         nxt: dict[int, tuple[float, int, tuple[float, ...]]] = {}
         for removal, x, moved in options(i):
+            delta = removal - values[i]
+            if abs(delta) > window:
+                continue
             for acc, (c, n, path) in best.items():
+                offset = acc + delta
+                if abs(offset) > window:
+                    continue
                 cand = (c + abs(q - removal), n + moved, path + (x,))
-                if acc + removal not in nxt or cand[:2] < nxt[acc + removal][:2]:
-                    nxt[acc + removal] = cand
+                if offset not in nxt or cand[:2] < nxt[offset][:2]:
+                    nxt[offset] = cand
         best = nxt
-    reached = min(best, key=lambda acc: (abs(acc - target), best[acc][:2]))
-    if reached != target:
-        logger.warning("comparison groups %s: OWL's total is %d weights off the uniform run's", key, target - reached)
-    out = list(best[reached][2])
-    return out
+    reached = min(best, key=lambda acc: (abs(acc - needed), best[acc][:2]))
+    if reached != needed:
+        logger.warning("comparison groups %s: OWL's total is %d weights off the uniform run's", key, needed - reached)
+    return list(best[reached][2])
 
 
 def _step_function(size: int, count: int, rest: int) -> tuple[list[int], list[int]]:
