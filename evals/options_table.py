@@ -178,6 +178,8 @@ def merge_into(out: Path, sources: list[Path]) -> None:
             if key(row) not in known:
                 payload.setdefault("superseded", []).append(row)
         for row in other["rows"]:
+            if row in payload.get("superseded", []):
+                continue  # a copy of a row another file already replaced
             same = [k for k, r in enumerate(payload["rows"]) if key(r)[:3] == key(row)[:3]]
             if not same:
                 payload["rows"].append(row)
@@ -233,7 +235,7 @@ def main() -> None:
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     order = [r for r in order if not skip & set(r[2].split("+"))]
 
-    cpu = cpu_description()
+    cpu_name = cpu_description()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parents[1]).stdout.strip()
     if args.rerun and not args.rows:
@@ -286,7 +288,7 @@ def main() -> None:
                "prune_seconds": sum(result.seconds.get(k, 0.0) for k in PHASES),
                "prune_cpu_seconds": cpu, "wall_seconds": wall,
                "phases": {k: result.seconds[k] for k in PHASES if k in result.seconds}, "commit": commit,
-               "cpu": cpu}
+               "cpu": cpu_name}
         same = [k for k, r in enumerate(rows) if (r["setting"], r["method"], r["options"]) == (setting, method, options)]
         if same:  # --rerun: in place of the earlier row, which stays in "superseded" (see reference_for)
             payload.setdefault("superseded", []).append(rows[same[0]])
