@@ -77,7 +77,8 @@ def test_best_picks_the_permutation_for_wanda_at_2_4_only():
     assert recipe_options("best", "wanda", "2:4", None) == {"update": "exact", "permute_channels": True}
     assert recipe_options("best", "wanda", "4:8", None) == {"update": "exact"}
     assert recipe_options("best", "sparsegpt", "2:4", None) == {"update": "exact"}
-    assert recipe_options("best", "sparsegpt", "unstructured", 0.7) == {"refine": "dsnot", "update": "exact"}
+    assert recipe_options("best", "sparsegpt", "unstructured", 0.7) == {"layer_ratios": "owl", "refine": "dsnot",
+                                                                          "update": "exact"}
 
 
 def test_cli_recipe_best_on_magnitude_is_one_line_and_exit_2(tmp_path):
