@@ -220,6 +220,25 @@ def test_gptq_matches_slow_reference(cfg, cols, blocksize):
     assert torch.all(res.weight[:, 3] == 0)
 
 
+def _check_grids_and_weights(res, ref: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, atol: float) -> bool:
+    """The solver's grids equal the float64 reference's, and its weights the reference's to
+    ``atol``. The solver fits in fp32 and rounds scales to fp16: a scale whose exact value lies
+    at an fp16 rounding boundary may round to the neighbour (seen once, on an AVX512 CPU), so at
+    most one grid per matrix may differ, by one fp16 step; the rows it quantizes then follow
+    another grid and are checked only for lying on their own grid (``_check_on_grid``).
+    Returns True when every grid is equal."""
+    got_scale, got_zero = res.quant.scale.float(), res.quant.zero.float()
+    differ = (got_scale != scale) | (got_zero != zero)  # (rows, groups)
+    assert int(differ.sum()) <= 1, differ
+    if differ.any():
+        r, g = differ.nonzero()[0].tolist()
+        step = 2.0 ** (torch.floor(torch.log2(scale[r, g])) - 10)  # one fp16 step at that magnitude
+        assert abs(float(got_scale[r, g] - scale[r, g])) <= float(step) * 1.01
+    rows = ~differ.any(dim=1)
+    torch.testing.assert_close(res.weight.double()[rows], ref[rows], rtol=0, atol=atol)
+    return not bool(differ.any())
+
+
 @pytest.mark.parametrize(
     "pattern, cfg, cols, blocksize",
     [
@@ -241,10 +260,10 @@ def test_joint_sparsegpt_matches_slow_reference(pattern, cfg, cols, blocksize):
 
     _check_on_grid(res, W, cfg)
     assert torch.equal(res.mask, keep)
-    assert torch.equal(res.quant.scale.float(), scale) and torch.equal(res.quant.zero.float(), zero)
-    torch.testing.assert_close(res.weight.double(), ref, rtol=0, atol=1e-5)
-    assert res.error == pytest.approx(ploss, rel=1e-4)
-    assert res.quant_error == pytest.approx(qloss, rel=1e-4)
+    same_grids = _check_grids_and_weights(res, ref, scale, zero, atol=1e-5)
+    rel = 1e-4 if same_grids else 1e-2  # one row on a neighbouring grid changes the losses a little
+    assert res.error == pytest.approx(ploss, rel=rel)
+    assert res.quant_error == pytest.approx(qloss, rel=rel)
 
 
 # ---------------------------------------------------------------------------------------------
