@@ -6,6 +6,8 @@ Masks: ``True`` = keep. Ties are broken by index (stable sorts, via
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -36,14 +38,20 @@ def magnitude_masks(weights: dict[str, Tensor], sparsity: float, *, pattern: Pat
         return {name: keep_mask_unstructured(w.abs(), sparsity, dim=None) for name, w in weights.items()}
     if scope != "global":
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-    names = list(weights)
-    flat = torch.cat([weights[n].detach().abs().reshape(-1).float().cpu() for n in names])  # (total,)
-    keep = keep_mask_unstructured(flat, sparsity, dim=None)
+    return global_keep({name: w.detach().abs() for name, w in weights.items()},
+                       lambda flat: keep_mask_unstructured(flat, sparsity, dim=None))
+
+
+def global_keep(scores: dict[str, Tensor], select: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
+    """Masks chosen over all ``scores`` together: ``select`` gets them flattened and
+    concatenated in ``scores``' order (one fp32 CPU vector) and returns a bool vector of the
+    same length, which is cut back into ``{name: bool tensor}`` shaped and placed like each score."""
+    flat = torch.cat([s.detach().reshape(-1).float().cpu() for s in scores.values()])  # (total,)
+    keep = select(flat)
     out, offset = {}, 0
-    for name in names:
-        w = weights[name]
-        out[name] = keep[offset:offset + w.numel()].view(w.shape).to(w.device)
-        offset += w.numel()
+    for name, s in scores.items():
+        out[name] = keep[offset:offset + s.numel()].view(s.shape).to(s.device)
+        offset += s.numel()
     return out
 
 

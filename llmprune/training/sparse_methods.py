@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from llmprune.training.criteria import SCOPES, global_keep
+
 DISTRIBUTIONS = ("uniform", "erk")
-SCOPES = ("layer", "global")
 
 
 # ---------------------------------------------------------------------------------------- selection
@@ -46,15 +47,7 @@ def keep_highest_scores(scores: dict[str, Tensor], sparsity: float, scope: str =
         return {name: keep_largest(s, s.numel() - int(s.numel() * sparsity)) for name, s in scores.items()}
     if scope != "global":
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-    names = list(scores)
-    flat = torch.cat([scores[n].detach().reshape(-1).float().cpu() for n in names])  # (total,)
-    keep = keep_largest(flat, flat.numel() - int(flat.numel() * sparsity))
-    out, offset = {}, 0
-    for name in names:
-        s = scores[name]
-        out[name] = keep[offset:offset + s.numel()].view(s.shape).to(s.device)
-        offset += s.numel()
-    return out
+    return global_keep(scores, lambda flat: keep_largest(flat, flat.numel() - int(flat.numel() * sparsity)))
 
 
 # ---------------------------------------------------------------------------------------- RigL
