@@ -316,7 +316,7 @@ def test_imp_rounds_remove_the_rate_of_the_survivors_by_magnitude(scope):
     rate = 0.2
     for r in range(1, 7):
         weights = {n: w + 0.3 * torch.randn(w.shape, generator=generator) for n, w in weights.items()}  # "training"
-        new = sm.imp_round_masks(weights, keep, rate, r, scope=scope)
+        new = sm.imp_round_masks(weights, keep, sm.imp_round_sparsity(rate, r), scope=scope)
         target = 1 - (1 - rate) ** r
         assert sm.imp_round_sparsity(rate, r) == pytest.approx(target)
         for n in weights:
@@ -355,7 +355,7 @@ def test_rewinding_restores_the_saved_survivors_exactly_and_zero_elsewhere():
         if step == 3:
             late = {n: p.detach().clone() for n, p in model.named_parameters()}  # late rewinding to step 3
     trained = {n: p.detach().clone() for n, p in model.named_parameters()}
-    keep = sm.imp_round_masks(trained, {n: torch.ones(w.shape, dtype=torch.bool) for n, w in trained.items()}, 0.5, 1)
+    keep = sm.imp_round_masks(trained, {n: torch.ones(w.shape, dtype=torch.bool) for n, w in trained.items()}, 0.5)
     for saved in (init, late):
         for name, value in saved.items():
             rewound = sm.rewind(value, keep[name])
@@ -427,7 +427,7 @@ def test_imp_driver_rewinds_every_parameter_and_captures_step_k():
             at_three = {n: t.detach().clone() for n, t in model.state_dict().items()}
     assert capture.state.keys() == at_three.keys()
     assert all(torch.equal(capture.state[n], at_three[n]) for n in at_three)
-    strategy = IterativeMagnitude(rounds=2, rate=0.5)
+    strategy = IterativeMagnitude(targets=(0.5, 0.75), rate=0.5)
     for saved in (init, capture.state):
         strategy.round = 0
         strategy.prune_round(masks)
@@ -448,8 +448,8 @@ def test_imp_run_saves_every_round_with_nested_masks(tiny_llama_dir, train_text,
     result = llmprune.finetune(str(tiny_llama_dir), teacher="none", dataset=train_text, steps=4, seqlen=32,
                                batch_size=2, lr=1e-3, method="imp", sparsity_to=0.75, imp_rounds=2, rewind="step:2",
                                eval="none", device="cpu", progress=False, save=str(save))
-    assert result.strategy == {"method": "imp", "rounds": 2, "rate": pytest.approx(0.5), "rewind": "step:2",
-                               "scope": "layer", "round": 2, "final_sparsity": 0.75}
+    assert result.strategy == {"method": "imp", "rounds": 2, "targets": [0.5, 0.75], "rate": pytest.approx(0.5),
+                               "rewind": "step:2", "scope": "layer", "round": 2, "final_sparsity": 0.75}
     assert [r["round"] for r in result.rounds] == [0, 1, 2]
     assert [r["checkpoint"] for r in result.rounds] == ["rounds/round-0", "rounds/round-1", "."]
     assert len(result.loss_curve) == 12 and result.tokens_seen == 3 * 4 * 2 * 32
@@ -466,11 +466,35 @@ def test_imp_run_saves_every_round_with_nested_masks(tiny_llama_dir, train_text,
         previous = masks.masks
 
 
+def test_imp_sparsities_set_each_round(tiny_llama_dir, train_text, tmp_path, one_thread):
+    """--imp-sparsities: round r prunes exactly int(numel * s_r) of every matrix, nested."""
+    save = tmp_path / "imp"
+    result = llmprune.finetune(str(tiny_llama_dir), teacher="none", dataset=train_text, steps=2, seqlen=32,
+                               batch_size=2, lr=1e-3, method="imp", imp_sparsities="0.3,0.8", eval="none",
+                               device="cpu", progress=False, save=str(save))
+    assert result.strategy["targets"] == [0.3, 0.8] and result.strategy["rate"] is None
+    assert result.tokens_seen == 3 * 2 * 2 * 32
+    previous = None
+    for target, folder in zip([0.0, 0.3, 0.8], [save / "rounds" / "round-0", save / "rounds" / "round-1", save]):
+        masks = MaskSet.from_zeros(llmprune.load(folder))
+        for name, keep in masks.masks.items():
+            assert int((~keep).sum()) == int(keep.numel() * target), (target, name)
+            if previous is not None:
+                assert not bool((keep & ~previous[name]).any()), (target, name)
+        previous = masks.masks
+    card = (save / "README.md").read_text()
+    assert "2 rounds (sparsity 0.3, 0.8)" in card
+
+
 @pytest.mark.parametrize("options, message", [
     ({"method": "l0", "sparsity_to": 0.5}, "--method l0 is not built yet; valid: gmp, imp, movement, rigl"),
     ({"method": "imp"}, "--method imp needs --sparsity-to"),
     ({"method": "imp", "sparsity_to": 0.5, "imp_rate": 0.5}, "--imp-rate 0.5 over --imp-rounds 3 reaches"),
     ({"method": "imp", "imp_rate": 0.2, "rewind": "step:11"}, "--rewind must be init or step:K"),
+    ({"method": "imp", "imp_sparsities": "0.5,0.4"}, "--imp-sparsities must increase strictly, each in (0, 1), got"),
+    ({"method": "imp", "imp_sparsities": "0.5,x"}, "--imp-sparsities must be comma-separated numbers, got '0.5,x'"),
+    ({"method": "imp", "imp_sparsities": "0.5,0.8", "sparsity_to": 0.9}, "--imp-sparsities ends at 0.8, not"),
+    ({"method": "imp", "imp_sparsities": "0.5,0.8", "imp_rate": 0.2}, "give --imp-sparsities or --imp-rate, not both"),
     ({"method": "rigl"}, "--method rigl needs --sparsity-to"),
     ({"method": "rigl", "sparsity_to": 0.5, "rigl_alpha": 0.0}, "--rigl-alpha must be in (0, 1], got 0.0"),
     ({"method": "rigl", "sparsity_to": 0.5, "rigl_distribution": "er"},

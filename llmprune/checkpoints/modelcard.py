@@ -522,8 +522,10 @@ def _strategy_text(strategy: dict) -> str:
         return (f"RigL at sparsity {strategy.get('sparsity'):g} ({strategy.get('distribution')}): drop / grow a fraction "
                 f"{strategy.get('alpha'):g} (cosine decay) every {strategy.get('every')} steps until step {strategy.get('end')}")
     if method == "imp":
-        return (f"iterative magnitude pruning, {strategy.get('rounds')} rounds of {strategy.get('rate'):g} of the "
-                f"survivors, rewound to {strategy.get('rewind')} (final sparsity {strategy.get('final_sparsity'):.4g})")
+        targets = ", ".join(f"{t:g}" for t in strategy.get("targets") or [])
+        each = f" of {strategy['rate']:g} of the survivors" if strategy.get("rate") is not None else ""
+        return (f"iterative magnitude pruning, {strategy.get('rounds')} rounds{each} (sparsity {targets}), "
+                f"rewound to {strategy.get('rewind')} (final sparsity {strategy.get('final_sparsity'):.4g})")
     if schedule.get("kind") == "cubic":
         return f"{cubic}, masks recomputed by magnitude"
     return "constant (the loaded mask kept)"

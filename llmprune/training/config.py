@@ -56,6 +56,8 @@ class FinetuneConfig:
     imp_rounds: int = _opt(3, "imp: pruning rounds R; the model trains R + 1 times, --steps each (dense first)")
     imp_rate: float | None = _opt(None, "imp: fraction p of the remaining weights pruned after each training, in "
                                         "(0, 1) (default: 1 - (1 - S)^(1/R), so that round R reaches --sparsity-to S)")
+    imp_sparsities: str | None = _opt(None, "imp: the sparsity after each round, comma-separated and increasing "
+                                            "(e.g. 0.5,0.8,0.9,0.95; replaces --imp-rounds and --imp-rate)")
     rewind: str = _opt("init", "imp: what the surviving weights are rewound to after each pruning: init (the weights "
                                "before training) or step:K (step K of the dense training, 'late rewinding')")
     rigl_alpha: float = _opt(0.3, "rigl: fraction a of each matrix's active weights replaced at step 0, decayed as "

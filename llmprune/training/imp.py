@@ -3,7 +3,8 @@ the fine-tuning run's training.
 
 Round 0 trains the loaded model (dense, or with its checkpoint's masks) for ``--steps``.
 After round r (r < R) the strategy (:class:`llmprune.training.strategies.IterativeMagnitude`)
-removes the smallest |w| of the surviving weights, to the sparsity ``1 - (1 - p)^(r + 1)``;
+removes the smallest |w| of the surviving weights, to the round's target sparsity
+(:func:`round_targets`: ``1 - (1 - p)^(r + 1)``, or the (r + 1)-th of ``--imp-sparsities``);
 every parameter of the model (embeddings and norms too) is restored to the rewind state, the
 weights before round 0 (``--rewind init``, Frankle & Carbin 2019) or after step K of round 0
 (``--rewind step:K``, Frankle et al. 2020), with the pruned weights zero; round r + 1 trains
@@ -36,7 +37,8 @@ def resolve_rate(rounds: int, rate: float | None, sparsity_to: float | None) -> 
     """The per-round rate p: ``--imp-rate``, or ``1 - (1 - S)^(1/R)`` from ``--sparsity-to S``;
     both given must agree (``1 - (1 - p)^R == S`` to 1e-6). UsageError otherwise."""
     if rate is None and sparsity_to is None:
-        raise UsageError("--method imp needs --sparsity-to (the sparsity after the last round) or --imp-rate")
+        raise UsageError("--method imp needs --sparsity-to (the sparsity after the last round), --imp-rate or "
+                         "--imp-sparsities")
     if rate is not None and not (isinstance(rate, (int, float)) and 0.0 < rate < 1.0):
         raise UsageError(f"--imp-rate must be in (0, 1), got {rate!r}")
     if rate is None:
@@ -45,6 +47,29 @@ def resolve_rate(rounds: int, rate: float | None, sparsity_to: float | None) -> 
         raise UsageError(f"--imp-rate {rate} over --imp-rounds {rounds} reaches sparsity "
                          f"{1.0 - (1.0 - rate) ** rounds:.6g}, not --sparsity-to {sparsity_to}: give one of them")
     return float(rate)
+
+
+def round_targets(rounds: int, rate: float | None, sparsity_to: float | None,
+                  sparsities: str | None = None) -> tuple[tuple[float, ...], float | None]:
+    """The sparsity after each round and the geometric rate behind them (None when given one by
+    one). ``sparsities`` (``--imp-sparsities``, e.g. ``"0.5,0.8,0.9"``), when given, is the list
+    itself: increasing, each in (0, 1), its last equal to ``sparsity_to`` if that is given; it
+    replaces ``rounds`` and ``rate`` (``rate`` must then be None). Otherwise
+    ``1 - (1 - p)^r`` for r = 1..R with p from :func:`resolve_rate`. UsageError otherwise."""
+    if sparsities is None:
+        p = resolve_rate(rounds, rate, sparsity_to)
+        return tuple(sparse_methods.imp_round_sparsity(p, r) for r in range(1, rounds + 1)), p
+    try:
+        targets = tuple(float(x) for x in str(sparsities).split(","))
+    except ValueError:
+        raise UsageError(f"--imp-sparsities must be comma-separated numbers, got {sparsities!r}") from None
+    if not all(0.0 < t < 1.0 for t in targets) or any(b <= a for a, b in zip(targets, targets[1:])):
+        raise UsageError(f"--imp-sparsities must increase strictly, each in (0, 1), got {sparsities!r}")
+    if rate is not None:
+        raise UsageError("give --imp-sparsities or --imp-rate, not both")
+    if sparsity_to is not None and abs(targets[-1] - sparsity_to) > 1e-9:
+        raise UsageError(f"--imp-sparsities ends at {targets[-1]:g}, not --sparsity-to {sparsity_to:g}: give one of them")
+    return targets, None
 
 
 def parse_rewind(text: str, steps: int) -> int:

@@ -137,7 +137,7 @@ def _validate(config: FinetuneConfig) -> None:
         from llmprune.training import imp
 
         check_int("--imp-rounds", config.imp_rounds)
-        imp.resolve_rate(config.imp_rounds, config.imp_rate, config.sparsity_to)
+        imp.round_targets(config.imp_rounds, config.imp_rate, config.sparsity_to, config.imp_sparsities)
         imp.parse_rewind(config.rewind, config.steps)
         if config.work_dir is not None or config.resume:
             raise UsageError("--method imp does not take --work-dir / --resume yet: its rounds are not resumable")
@@ -199,10 +199,11 @@ def target_pattern(config: FinetuneConfig) -> Pattern | None:
             text = config.pattern or "unstructured"
             asking = "--schedule cubic" if config.method == "gmp" else f"--method {config.method}"
             if text.strip().lower() == "unstructured" and config.method == "imp":
-                from llmprune.training import imp, sparse_methods
+                from llmprune.training import imp
 
-                rate = imp.resolve_rate(config.imp_rounds, config.imp_rate, config.sparsity_to)
-                pattern = Unstructured(sparse_methods.imp_round_sparsity(rate, config.imp_rounds))
+                targets, _ = imp.round_targets(config.imp_rounds, config.imp_rate, config.sparsity_to,
+                                               config.imp_sparsities)
+                pattern = Unstructured(targets[-1])
             elif text.strip().lower() == "unstructured":
                 if config.sparsity_to is None:
                     raise UsageError(f"{asking} needs --sparsity-to (the final sparsity, in [0, 1))"
@@ -279,7 +280,7 @@ class _Run:
         result = FinetuneResult(config, self.model, self.tokenizer, pattern, teacher=self.teacher_name,
                                 strategy=strategy.describe())
         result.data_sha256 = _data_sha(windows, order)
-        trainings = config.imp_rounds + 1 if config.method == "imp" else 1
+        trainings = strategy.rounds + 1 if config.method == "imp" else 1
         result.tokens_seen = trainings * config.steps * config.batch_size * config.grad_accum * windows.shape[1]
         if config.eval_before:
             start = time.perf_counter()
@@ -392,12 +393,13 @@ class _Run:
             elif pattern is None and masks.masks:
                 pattern = Unstructured(round(masks.sparsity(), 6))
         nm = pattern if isinstance(pattern, NM) else None
+        imp_targets, imp_rate = imp.round_targets(config.imp_rounds, config.imp_rate, config.sparsity_to,
+                                                  config.imp_sparsities) if config.method == "imp" else ((), None)
         strategy = METHODS[config.method](
             schedule=schedule, pattern=nm, scope=config.scope, sparsity=pattern.target_sparsity if pattern else 0.0,
             steps=config.steps, rigl_alpha=config.rigl_alpha, rigl_every=config.rigl_every, rigl_end=config.rigl_end,
-            rigl_distribution=config.rigl_distribution, imp_rounds=config.imp_rounds, rewind=config.rewind,
-            imp_rate=imp.resolve_rate(config.imp_rounds, config.imp_rate, config.sparsity_to)
-            if config.method == "imp" else None)
+            rigl_distribution=config.rigl_distribution, imp_targets=imp_targets, imp_rate=imp_rate,
+            rewind=config.rewind)
         return masks, strategy, pattern
 
     def read_data(self):

@@ -180,14 +180,13 @@ def imp_round_sparsity(rate: float, round_index: int) -> float:
     return round(1.0 - (1.0 - rate) ** round_index, 12)
 
 
-def imp_round_masks(weights: dict[str, Tensor], keep: dict[str, Tensor], rate: float, round_index: int,
+def imp_round_masks(weights: dict[str, Tensor], keep: dict[str, Tensor], sparsity: float,
                     scope: str = "layer") -> dict[str, Tensor]:
-    """The masks of IMP round ``round_index`` (>= 1): among the weights ``keep`` still keeps,
-    the smallest |w| are removed until ``int(numel * s)`` of each tensor (``scope="layer"``)
-    or ``int(total * s)`` of all together (``"global"``) are pruned, ``s`` =
-    :func:`imp_round_sparsity`. Weights pruned before stay pruned, whatever their value.
-    Returns ``{name: bool}``, ``True`` = keep; a subset of ``keep``."""
-    sparsity = imp_round_sparsity(rate, round_index)
+    """The masks of one IMP round: among the weights ``keep`` still keeps, the smallest |w| are
+    removed until ``int(numel * sparsity)`` of each tensor (``scope="layer"``) or
+    ``int(total * sparsity)`` of all together (``"global"``) are pruned (``sparsity``: the
+    round's target, e.g. :func:`imp_round_sparsity`). Weights pruned before stay pruned,
+    whatever their value. Returns ``{name: bool}``, ``True`` = keep; a subset of ``keep``."""
     scores = {name: torch.where(keep[name], w.detach().abs().float(), torch.tensor(-1.0, device=w.device))
               for name, w in weights.items()}  # already pruned rank lowest: |w| >= 0 > -1
     new = keep_highest_scores(scores, sparsity, scope)

@@ -274,29 +274,34 @@ class RigL(MaskStrategy):
 class IterativeMagnitude(MaskStrategy):
     """Iterative magnitude pruning (Frankle & Carbin 2019): the masks stay fixed while a round
     trains; between rounds the driver (``llmprune.training.imp``) calls :meth:`prune_round`,
-    which removes the smallest |w| of the surviving weights so that after round r the
-    sparsity is ``1 - (1 - rate)^r`` (per matrix, or over all with ``scope="global"``); the
-    driver then rewinds the survivors to the state ``rewind`` names (``"init"`` or ``"step:K"``)."""
+    which removes the smallest |w| of the surviving weights so that after round r the sparsity
+    is ``targets[r - 1]`` (per matrix, or over all with ``scope="global"``); the driver then
+    rewinds the survivors to the state ``rewind`` names (``"init"`` or ``"step:K"``).
+    ``targets`` is increasing; ``rate`` (only recorded) is the per-round fraction that made a
+    geometric ``targets``, ``1 - (1 - rate)^r``, or None for targets given one by one."""
 
-    rounds: int
-    rate: float
+    targets: tuple[float, ...]
     rewind: str = "init"
     scope: str = "layer"
+    rate: float | None = None
     round: int = 0
     name = "imp"
+
+    @property
+    def rounds(self) -> int:
+        return len(self.targets)
 
     def prune_round(self, masks: MaskSet, optimizer=None) -> None:
         """Masks of the next round from the current (trained) weights; pruned weights zeroed."""
         self.round += 1
+        target = self.targets[self.round - 1]
         weights = {name: p.detach() for name, (p, _) in masks.weights.items()}
-        masks.update(sparse_methods.imp_round_masks(weights, masks.masks, self.rate, self.round, self.scope), optimizer)
-        logger.info("imp round %d: sparsity %.4f (target %.4f)", self.round, masks.sparsity(),
-                    sparse_methods.imp_round_sparsity(self.rate, self.round))
+        masks.update(sparse_methods.imp_round_masks(weights, masks.masks, target, self.scope), optimizer)
+        logger.info("imp round %d: sparsity %.4f (target %.4f)", self.round, masks.sparsity(), target)
 
     def describe(self) -> dict:
-        return {"method": self.name, "rounds": self.rounds, "rate": self.rate, "rewind": self.rewind,
-                "scope": self.scope, "round": self.round,
-                "final_sparsity": sparse_methods.imp_round_sparsity(self.rate, self.rounds)}
+        return {"method": self.name, "rounds": self.rounds, "targets": list(self.targets), "rate": self.rate,
+                "rewind": self.rewind, "scope": self.scope, "round": self.round, "final_sparsity": self.targets[-1]}
 
     def state_dict(self) -> dict:
         return {"round": self.round}
@@ -319,12 +324,12 @@ def make_rigl(*, sparsity: float, steps: int, rigl_alpha: float = 0.3, rigl_ever
     return RigL(sparsity, end, rigl_alpha, rigl_every, rigl_distribution)
 
 
-def make_imp(*, imp_rounds: int, imp_rate: float, rewind: str = "init", scope: str = "layer",
-             **_ignored) -> MaskStrategy:
-    return IterativeMagnitude(imp_rounds, imp_rate, rewind, scope)
+def make_imp(*, imp_targets: tuple[float, ...], imp_rate: float | None = None, rewind: str = "init",
+             scope: str = "layer", **_ignored) -> MaskStrategy:
+    return IterativeMagnitude(tuple(imp_targets), rewind, scope, imp_rate)
 
 
-# method name -> constructor(schedule=, pattern=, scope=, sparsity=, steps=, rigl_*=, imp_*=, rewind=) of its strategy
+# method name -> constructor(schedule=, pattern=, scope=, sparsity=, steps=, rigl_*=, imp_targets=, imp_rate=, rewind=)
 METHODS = {"gmp": make_gmp, "imp": make_imp, "movement": make_movement, "rigl": make_rigl}
 # methods of the fixed interface (issue #13) that are not built yet: refused with a UsageError
 NOT_BUILT = ("l0",)
