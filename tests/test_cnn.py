@@ -5,6 +5,7 @@ those channels zeroed by a forward hook, its refusals, and ``--imp-control`` run
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -368,3 +369,33 @@ def test_bad_imp_control_is_a_one_line_usage_error(tiny_llama_dir, options, mess
     with pytest.raises(llmprune.UsageError) as error:
         llmprune.finetune(str(tiny_llama_dir), steps=10, eval="none", device="cpu", **options)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+# ------------------------------------------------------------------------------ the lab script
+
+
+def test_lab_cnn_script_writes_json_table_and_plot(tmp_path, one_thread):
+    pytest.importorskip("sklearn")
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("lab_cnn", Path(__file__).parents[1] / "evals" / "lab_cnn.py")
+    lab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lab)
+    out = tmp_path / "lab.json"
+    lab.main(["--channels", "4,8", "--steps", "8", "--seeds", "0,1", "--imp-rounds", "2", "--control-rounds", "2",
+              "--late-step", "3", "--filter-fractions", "0.5", "--finetune-steps", "4", "--sensitivity-fractions",
+              "0.5", "--out", str(out)])
+    result = json.loads(out.read_text())
+    rate = 1 - 0.5 ** (1 / 3)
+    rows = result["seeds"][0]["imp"]
+    assert [(r["rewind"], r["round"], r["arm"]) for r in rows] == [
+        (rw, r, arm) for rw in ("init", "step:3") for r, arm in ((1, "ticket"), (2, "ticket"), (2, "reinit"),
+                                                                  (2, "random-mask"))]
+    total = 1 * 4 * 9 + 4 * 8 * 9 + 8 * 16 * 10  # conv, conv, linear weights (global scope)
+    for row in rows:
+        assert row["sparsity"] == pytest.approx(int(total * (1 - (1 - rate) ** row["round"])) / total)
+    assert result["summary"]["filters"][0]["params"] == (2 * 9 + 2 + 4) + (4 * 2 * 9 + 4 + 8) + (10 * 4 * 16 + 10)
+    assert {r["layer"] for r in result["summary"]["sensitivity"]} == {"0", "3"}
+    assert "| 50 % | 758 |" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".svg").read_text().startswith("<svg")
