@@ -234,82 +234,72 @@ def markdown(result: dict) -> str:
 
 
 def plot_svg(result: dict, path: Path) -> Path:
-    """Three panels: IMP arms vs sparsity; filter pruning vs fraction; per-layer sensitivity.
-    Accuracy (test, %) on y; points are means over seeds, bars +- one standard deviation."""
+    """Three panels: IMP arms vs weights remaining (log); filter pruning vs fraction removed;
+    per-layer sensitivity. Test accuracy (%) on y, each panel its own range; points are means
+    over seeds, bars +- one standard deviation."""
     summary, config = result["summary"], result["config"]
     width, height, pad = 320, 250, 42
-    panels = ["IMP tickets and controls", "filter pruning (L1, all convs)", "sensitivity (one conv, no fine-tuning)"]
+    inner_w, inner_h = width - pad - 10, height - pad - 20
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width * 3}" height="{height + 50}" '
              'font-family="sans-serif" font-size="10">']
-    accs = [r["accuracy"]["mean"] for r in summary["imp"]] + [r["accuracy"]["mean"] for r in summary["sensitivity"]] \
-        + [r["accuracy"]["mean"] for r in summary["filters"]] + [summary["dense"]["mean"]]
-    lo = max(0.0, math.floor(min(accs) * 10) / 10)
-    hi = 1.0
+    dense = summary["dense"]
 
-    def frame(p, xlabel, xticks, xpos):
+    def panel(p, title, xlabel, xticks, xmax, lo, curves):
+        """``curves``: [(points [(x, spread)], color, dash)]; x in [0, xmax]; y from ``lo`` to 100 %."""
         x0 = p * width
-        parts.append(f'<text x="{x0 + width / 2}" y="14" text-anchor="middle" font-size="12">{panels[p]}</text>')
-        parts.append(f'<rect x="{x0 + pad}" y="20" width="{width - pad - 10}" height="{height - pad - 20}" '
-                     'fill="none" stroke="#000"/>')
+
+        def xy(x, acc):
+            return x0 + pad + x / xmax * inner_w, 20 + inner_h * (1 - (acc - lo) / (1.0 - lo))
+
+        parts.append(f'<text x="{x0 + width / 2}" y="14" text-anchor="middle" font-size="12">{title}</text>')
+        parts.append(f'<rect x="{x0 + pad}" y="20" width="{inner_w}" height="{inner_h}" fill="none" stroke="#000"/>')
         for tick, label in xticks:
-            parts.append(f'<text x="{xpos(tick):.1f}" y="{height - pad + 12}" text-anchor="middle">{label}</text>')
-        for v in (lo, (lo + hi) / 2, hi):
-            parts.append(f'<text x="{x0 + pad - 3}" y="{yof(v) + 3:.1f}" text-anchor="end">{100 * v:.0f}</text>')
+            parts.append(f'<text x="{xy(tick, lo)[0]:.1f}" y="{height - pad + 12}" text-anchor="middle">{label}</text>')
+        for v in (lo, (lo + 1.0) / 2, 1.0):
+            parts.append(f'<text x="{x0 + pad - 3}" y="{xy(0, v)[1] + 3:.1f}" text-anchor="end">{100 * v:.0f}</text>')
         parts.append(f'<text x="{x0 + width / 2}" y="{height - 12}" text-anchor="middle">{xlabel}</text>')
+        for points, color, dash in curves:
+            points = sorted(points, key=lambda q: q[0])
+            coords = " ".join("%.1f,%.1f" % xy(x, s["mean"]) for x, s in points)
+            parts.append(f'<polyline points="{coords}" fill="none" stroke="{color}"{dash}/>')
+            for x, s in points:
+                (px, py), (_, top), (_, bottom) = (xy(x, s["mean"]), xy(x, min(1.0, s["mean"] + s["std"])),
+                                                   xy(x, max(lo, s["mean"] - s["std"])))
+                parts.append(f'<line x1="{px:.1f}" x2="{px:.1f}" y1="{bottom:.1f}" y2="{top:.1f}" stroke="{color}"/>')
+                parts.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="2" fill="{color}"/>')
 
-    def yof(acc):
-        return 20 + (height - pad - 20) * (1 - (acc - lo) / (hi - lo))
+    def floor_to(values, step):
+        return max(0.0, math.floor(min(values) / step) * step)
 
-    def series(points, color, dash="", xpos=None):
-        points = sorted(points)
-        coords = " ".join(f"{xpos(x):.1f},{yof(s['mean']):.1f}" for x, s in points)
-        parts.append(f'<polyline points="{coords}" fill="none" stroke="{color}"{dash}/>')
-        for x, s in points:
-            X = xpos(x)
-            parts.append(f'<line x1="{X:.1f}" x2="{X:.1f}" y1="{yof(s["mean"] - s["std"]):.1f}" '
-                         f'y2="{yof(min(1.0, s["mean"] + s["std"])):.1f}" stroke="{color}"/>')
-            parts.append(f'<circle cx="{X:.1f}" cy="{yof(s["mean"]):.1f}" r="2" fill="{color}"/>')
-
-    # panel 0: x = -log10(fraction of weights kept)
-    def x_imp(kept_log):
-        return pad + kept_log / 1.5 * (width - pad - 10)
-
-    frame(0, "weights remaining (log)", [(0, "100 %"), (1 - math.log10(5), "20 %"), (1, "10 %"),
-                                         (1 - math.log10(0.5), "5 %")], x_imp)
     late = f"step:{config['late_step']}"
     colors = {"ticket": "#1f77b4", "reinit": "#d62728", "random-mask": "#7f7f7f"}
+    curves = []
     for rewind, dash in (("init", ""), (late, ' stroke-dasharray="4,3"')):
         for arm, color in colors.items():
             pts = [(-math.log10(1 - r["sparsity"]), r["accuracy"]) for r in summary["imp"]
                    if r["rewind"] == rewind and r["arm"] == arm]
-            if arm == "ticket":
-                pts.append((0.0, summary["dense"]))
-            series(pts, color, dash, x_imp)
-
-    def x_frac(f, p):
-        return p * width + pad + f * (width - pad - 10)
-
-    frame(1, "fraction of filters removed", [(f, f"{f:.2f}") for f in (0, 0.25, 0.5, 0.75, 1.0)],
-          lambda f: x_frac(f, 1))
-    base = [(0.0, summary["dense"])]
-    series(base + [(r["fraction"], r["accuracy"]) for r in summary["filters"]], "#7f7f7f", ' stroke-dasharray="4,3"',
-           lambda f: x_frac(f, 1))
+            curves.append((pts + [(0.0, dense)] if arm == "ticket" else pts, color, dash))
+    lo = floor_to([s["mean"] - s["std"] for pts, _, _ in curves for _, s in pts], 0.05)
+    kept = [(-math.log10(k), f"{100 * k:g} %") for k in (1.0, 0.5, 0.2, 0.1, 0.05)]
+    panel(0, "IMP tickets and controls", "weights remaining (log)", kept, -math.log10(0.04), lo, curves)
+    fractions = [(f, f"{f:g}") for f in (0, 0.25, 0.5, 0.75, 1.0)]
+    curves = [([(0.0, dense)] + [(r["fraction"], r["accuracy"]) for r in summary["filters"]], "#7f7f7f",
+               ' stroke-dasharray="4,3"')]
     if summary["filters"] and "finetuned" in summary["filters"][0]:
-        series(base + [(r["fraction"], r["finetuned"]) for r in summary["filters"]], "#1f77b4", "",
-               lambda f: x_frac(f, 1))
-    frame(2, "fraction of one conv's filters removed", [(f, f"{f:.2f}") for f in (0, 0.25, 0.5, 0.75, 1.0)],
-          lambda f: x_frac(f, 2))
+        curves.append(([(0.0, dense)] + [(r["fraction"], r["finetuned"]) for r in summary["filters"]], "#1f77b4", ""))
+    panel(1, "filter pruning (L1, every conv)", "fraction of filters removed", fractions, 1.0, 0.0, curves)
     layer_colors = ["#d62728", "#2ca02c", "#1f77b4", "#9467bd", "#ff7f0e"]
-    for i, layer in enumerate(config["convs"]):
-        series(base + [(r["fraction"], r["accuracy"]) for r in summary["sensitivity"] if r["layer"] == layer],
-               layer_colors[i % len(layer_colors)], "", lambda f: x_frac(f, 2))
-    legend_layers = ", ".join(f"conv {layer} {c}" for layer, c in
-                              zip(config["convs"], ("red", "green", "blue", "purple", "orange")))
+    names = ["red", "green", "blue", "purple", "orange"]
+    curves = [([(0.0, dense)] + [(r["fraction"], r["accuracy"]) for r in summary["sensitivity"] if r["layer"] == layer],
+               layer_colors[i % 5], "") for i, layer in enumerate(config["convs"])]
+    panel(2, "sensitivity (one conv, no fine-tuning)", "fraction of its filters removed", fractions, 1.0, 0.0, curves)
+    legend = ", ".join(f"conv {layer} ({c} filters) {names[i % 5]}"
+                       for i, (layer, c) in enumerate(zip(config["convs"], config["channels"])))
     parts.append(f'<text x="10" y="{height + 22}">Test accuracy (%), mean over {len(config["seeds"])} seeds, bars '
                  f'+-1 std. Left: ticket blue, reinit red, random mask grey; solid: rewind to init, dashed: rewind '
                  f'to step {config["late_step"]}.</text>')
-    parts.append(f'<text x="10" y="{height + 38}">Middle: grey dashed no fine-tuning, blue after '
-                 f'{config["finetune_steps"]} steps. Right: {legend_layers}.</text>')
+    parts.append(f'<text x="10" y="{height + 38}">Middle: grey dashed without fine-tuning, blue after '
+                 f'{config["finetune_steps"]} fine-tuning steps. Right: {legend}.</text>')
     parts.append("</svg>")
     path.write_text("\n".join(parts) + "\n")
     return path
