@@ -35,6 +35,10 @@ def format_table(result) -> str:
             table.append((str(entry["round"]), f"{entry['sparsity']:.4f}",
                           *(f"{entry['ppl'][n]['ppl']:.3f}" if n in entry["ppl"] else "-" for n in sources),
                           entry["checkpoint"] or "-"))
+        for entry in result.controls:  # --imp-control
+            table.append((f"control {entry['control']}", f"{entry['sparsity']:.4f}",
+                          *(f"{entry['ppl'][n]['ppl']:.3f}" if n in entry["ppl"] else "-" for n in sources),
+                          entry["checkpoint"] or "-"))
         lines += ["", *aligned(table)]
     lines += format_task_rows([("before", result.before_zeroshot), ("after", result.after_zeroshot)])
     loss = result.loss_summary()

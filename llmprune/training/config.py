@@ -60,6 +60,10 @@ class FinetuneConfig:
                                             "(e.g. 0.5,0.8,0.9,0.95; replaces --imp-rounds and --imp-rate)")
     rewind: str = _opt("init", "imp: what the surviving weights are rewound to after each pruning: init (the weights "
                                "before training) or step:K (step K of the dense training, 'late rewinding')")
+    imp_control: str = _opt("none", "imp: lottery-ticket controls trained once each after the last round, with its "
+                                    "per-matrix sparsity: none, or a comma-separated list of reinit (the ticket's masks, "
+                                    "a fresh random initialisation, seed --seed + 1) and random-mask (a random mask, "
+                                    "the same kept count per matrix, on the rewind state)")
     rigl_alpha: float = _opt(0.3, "rigl: fraction a of each matrix's active weights replaced at step 0, decayed as "
                                   "a (1 + cos(pi t / T_end)) / 2; in (0, 1]")
     rigl_every: int = _opt(100, "rigl: steps between drop / grow updates (dT)")

@@ -14,6 +14,14 @@ order. Only the weights are rewound, not the optimizer or the schedule.
 With ``--save``, each intermediate round's trained model is an llmprune checkpoint under
 ``<save>/rounds/round-<r>`` (r = 0..R-1); the last round is ``<save>`` itself. The rounds are
 written beside ``<save>`` while training and moved in after the final checkpoint is saved.
+
+``--imp-control reinit,random-mask`` (the lottery-ticket controls of Frankle & Carbin 2019):
+after the last round, one more training of ``--steps`` per control, from (``reinit``) the
+ticket's masks on a fresh random initialisation of every parameter (:func:`reinitialize`,
+seed ``--seed + 1``), or (``random-mask``) a random mask with each matrix's kept count of the
+ticket (``sparse_methods.random_keep_like``, seed ``--seed``) on the rewind state. Their
+results go to ``result.controls`` and, with ``--save``, their checkpoints to
+``<save>/rounds/control-<name>``; the model returned and saved at ``<save>`` is the ticket.
 """
 
 from __future__ import annotations
@@ -82,6 +90,64 @@ def parse_rewind(text: str, steps: int) -> int:
     raise UsageError(f"--rewind must be init or step:K with 0 <= K <= --steps {steps}, got {text!r}")
 
 
+CONTROLS = ("reinit", "random-mask")
+
+
+def parse_controls(text: str) -> tuple[str, ...]:
+    """``--imp-control``: ``none`` -> ``()``, else a comma-separated list of :data:`CONTROLS`,
+    each at most once, in the order given. UsageError otherwise."""
+    names = [part.strip().lower() for part in str(text).split(",") if part.strip()]
+    if names in ([], ["none"]):
+        return ()
+    bad = [n for n in names if n not in CONTROLS]
+    if bad or len(set(names)) != len(names):
+        raise UsageError(f"--imp-control must be none or a comma-separated list of {', '.join(CONTROLS)} "
+                         f"(each once), got {text!r}")
+    return tuple(names)
+
+
+@torch.no_grad()
+def reinitialize(model, seed: int) -> None:
+    """A fresh random initialisation of every parameter of ``model``, in place, drawn under
+    ``torch.manual_seed(seed)`` (the caller's RNG state is restored after). A transformers
+    ``PreTrainedModel`` runs its own ``init_weights`` (its "already initialised" flags
+    cleared first); any other module runs each submodule's ``reset_parameters()`` in
+    ``model.modules()`` order, the order in which construction calls them, so an
+    ``nn.Sequential`` built under ``torch.manual_seed(seed)`` has exactly these values.
+    Buffers that ``reset_parameters`` resets (BatchNorm's running statistics) are reset too."""
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        if callable(getattr(model, "init_weights", None)) and callable(getattr(model, "_init_weights", None)):
+            for module in model.modules():
+                module.__dict__.pop("_is_hf_initialized", None)
+                for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+                    tensor.__dict__.pop("_is_hf_initialized", None)
+            model.init_weights()
+        else:
+            for module in model.modules():
+                if callable(getattr(module, "reset_parameters", None)):
+                    module.reset_parameters()
+
+
+def start_control(control: str, model, masks, ticket: dict, rewind_state: dict, seed: int) -> None:
+    """Set ``model`` and ``masks`` to the starting point of lottery-ticket control ``control``
+    (:data:`CONTROLS`) for the ticket's masks ``ticket`` (``{name: bool}``, ``True`` = keep):
+    ``reinit``: those masks, every parameter freshly initialised (:func:`reinitialize` with
+    ``seed + 1``), pruned weights 0; ``random-mask``: a random mask with each weight's kept
+    count (``sparse_methods.random_keep_like``, a generator seeded ``seed``), every parameter
+    rewound to ``rewind_state`` (:func:`rewind_model`)."""
+    if control == "reinit":
+        masks.update(ticket)
+        reinitialize(model, seed + 1)
+        masks.apply_to_weights()
+    elif control == "random-mask":
+        masks.update(sparse_methods.random_keep_like(ticket, torch.Generator().manual_seed(seed)))
+        rewind_model(model, masks, rewind_state)
+    else:
+        raise ValueError(f"control must be one of {CONTROLS}, got {control!r}")
+
+
 def state_copy(model) -> dict:
     """Every parameter and buffer of ``model``, cloned to the CPU."""
     return {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()}
@@ -136,6 +202,7 @@ def train_rounds(run, masks, strategy, windows, order, eval_tokens, result) -> P
             if capture is not None:
                 rewind_state = capture.state
             if round_index == strategy.rounds:
+                train_controls(run, masks, strategy, windows, order, eval_tokens, result, rewind_state, staging)
                 break
             run.model.to("cpu")
             ppl = evaluate(run.model, run.tokenizer, config, run.device, eval_tokens)
@@ -158,3 +225,41 @@ def train_rounds(run, masks, strategy, windows, order, eval_tokens, result) -> P
             shutil.rmtree(staging, ignore_errors=True)
         raise
     return staging
+
+
+def train_controls(run, masks, strategy, windows, order, eval_tokens, result, rewind_state, staging) -> None:
+    """``--imp-control``: train each control (:func:`start_control`) once for ``--steps`` and
+    record it in ``result.controls`` (sparsity, kept count per weight, loss summary,
+    perplexities, checkpoint under ``staging``); then put the trained ticket (weights and
+    masks) back, as the caller expects it."""
+    import dataclasses
+
+    from llmprune.training.run import evaluate, summarize_loss
+
+    config = run.config
+    controls = parse_controls(config.imp_control)
+    if not controls:
+        return
+    ticket_state = state_copy(run.model)
+    ticket = {name: keep.clone() for name, keep in masks.masks.items()}
+    per_training = result.tokens_seen // (strategy.rounds + 1)
+    for control in controls:
+        start_control(control, run.model, masks, ticket, rewind_state, config.seed)
+        curve, _ = run.train(masks, strategy, windows, order)
+        result.loss_curve += [{**row, "round": None, "control": control} for row in curve]
+        run.model.to("cpu")
+        ppl = evaluate(run.model, run.tokenizer, config, run.device, eval_tokens)
+        entry = {"control": control, "sparsity": masks.sparsity(),
+                 "kept": {name: int(keep.sum()) for name, keep in masks.masks.items()},
+                 "loss": summarize_loss(curve), "ppl": {n: r.__dict__ for n, r in ppl.items()}, "checkpoint": None}
+        if staging is not None:
+            snapshot = dataclasses.replace(result, strategy={**strategy.describe(), "control": control},
+                                           loss_curve=curve, pattern=Unstructured(round(entry["sparsity"], 6)),
+                                           tokens_seen=per_training, sparsity=entry["sparsity"], after_ppl=ppl,
+                                           after_zeroshot={})
+            run.save(snapshot, masks, target=staging / f"control-{control}")
+            entry["checkpoint"] = f"rounds/control-{control}"
+        result.controls.append(entry)
+        logger.info("imp: control %s trained (sparsity %.4f)", control, entry["sparsity"])
+    masks.update(ticket)
+    rewind_model(run.model, masks, ticket_state)  # the trained ticket again

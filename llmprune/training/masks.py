@@ -1,8 +1,9 @@
 """Keep masks for any ``nn.Module``, enforced during training (``True`` = keep).
 
 A :class:`MaskSet` holds one bool mask per masked weight, in the parameter's own layout
-(``[out, in]`` for ``nn.Linear``, ``[in, out]`` for GPT-2 ``Conv1D``). It enforces the masks
-three ways, so that no pruned weight ever comes back:
+(``[out, in]`` for ``nn.Linear``, ``[in, out]`` for GPT-2 ``Conv1D``, ``[out, in / groups, kh,
+kw]`` for ``nn.Conv2d``, whose "rows" view is ``[out, in / groups * kh * kw]``). It enforces the
+masks three ways, so that no pruned weight ever comes back:
 
 * on the gradients, by a hook on each parameter (the gradient is masked when backward
   produces it, so clipping and every optimizer see zeros);
@@ -42,8 +43,8 @@ def prunable_weights(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str,
     For a Hugging Face causal LM these are the decoder layers' ``nn.Linear`` / ``Conv1D``
     weights, the matrices one-shot pruning prunes (embeddings and ``lm_head`` stay dense;
     fused mixture-of-experts parameters are not masked). For any other ``nn.Module``: every
-    ``nn.Linear`` and ``Conv1D`` weight. ``transposed`` is True for ``Conv1D``. Names in
-    ``exclude`` (exact parameter names) are left out.
+    ``nn.Linear``, ``Conv1D`` and ``nn.Conv2d`` weight (a CNN). ``transposed`` is True for
+    ``Conv1D`` only. Names in ``exclude`` (exact parameter names) are left out.
     """
     from llmprune.models.architecture import find_decoder_layers
 
@@ -56,7 +57,7 @@ def prunable_weights(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str,
     found = {}
     for scope, root in scopes:
         for name, module in root.named_modules():
-            if isinstance(module, nn.Linear) or is_conv1d(module):
+            if isinstance(module, (nn.Linear, nn.Conv2d)) or is_conv1d(module):
                 full = f"{scope}{name}.weight" if name else f"{scope}weight"
                 if full not in skip:
                     found[full] = (module.weight, is_conv1d(module))
@@ -64,8 +65,20 @@ def prunable_weights(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str,
 
 
 def as_rows(tensor: Tensor, transposed: bool) -> Tensor:
-    """A parameter-layout tensor as ``[out, in]`` (a view; transposed for ``Conv1D``)."""
-    return tensor.t() if transposed else tensor
+    """A parameter-layout tensor as ``[out, in]``: transposed for ``Conv1D`` (a view); a
+    ``Conv2d`` weight ``[out, in / groups, kh, kw]`` flattened to ``[out, in / groups * kh *
+    kw]`` (a view when contiguous, else a copy); 2-D tensors as they are."""
+    if transposed:
+        return tensor.t()
+    return tensor if tensor.dim() == 2 else tensor.reshape(tensor.shape[0], -1)
+
+
+def from_rows(rows: Tensor, transposed: bool, shape: torch.Size | tuple[int, ...]) -> Tensor:
+    """The inverse of :func:`as_rows`: an ``[out, in]`` tensor back in the layout of a
+    parameter of ``shape`` (transposed for ``Conv1D``, reshaped for ``Conv2d``)."""
+    if transposed:
+        return rows.t()
+    return rows if tuple(rows.shape) == tuple(shape) else rows.reshape(shape)
 
 
 class MaskSet:
@@ -182,9 +195,16 @@ class MaskSet:
         return as_rows(self.masks[name], self.weights[name][1])
 
     def weight_rows(self, name: str) -> Tensor:
-        """Weight ``name`` as ``[out, in]`` (a view of the parameter's data)."""
+        """Weight ``name`` as ``[out, in]`` (a view of the parameter's data; a copy for a
+        non-contiguous ``Conv2d`` weight, e.g. channels-last)."""
         param, transposed = self.weights[name]
         return as_rows(param.detach(), transposed)
+
+    def in_layout(self, name: str, rows: Tensor) -> Tensor:
+        """An ``[out, in]`` tensor (a mask from :meth:`rows`-shaped maths) in weight ``name``'s
+        own layout (:func:`from_rows`)."""
+        param, transposed = self.weights[name]
+        return from_rows(rows, transposed, param.shape)
 
     def sparsity(self) -> float:
         """Fraction of pruned entries over all masks (weighted by size)."""
@@ -228,7 +248,7 @@ class MaskSet:
         for name in self.masks:
             parts = name.split(".")
             index = next((int(p) for p in parts if p.isdigit()), None)
-            if index is None:
+            if index is None or f".{index}." not in name:  # not <stack>.<index>.<matrix> (e.g. a Sequential CNN's "0.weight")
                 continue
             rest = name.split(f".{index}.", 1)[1].removesuffix(".weight")
             keep = self.rows(name)

@@ -51,6 +51,8 @@ class FinetuneResult:
     results_path: Path | None = None
     # --method imp: one entry per intermediate round, then the last (llmprune.training.imp.train_rounds)
     rounds: list[dict] = field(default_factory=list)
+    # --imp-control: one entry per lottery-ticket control trained after the last round
+    controls: list[dict] = field(default_factory=list)
 
     def loss_summary(self) -> dict:
         return summarize_loss(self.loss_curve)
@@ -73,7 +75,8 @@ class FinetuneResult:
         return {"finetune": self.recipe(), "sparsity": self.sparsity, "before_ppl": ppl(self.before_ppl),
                 "after_ppl": ppl(self.after_ppl), "before_zeroshot": self.before_zeroshot,
                 "after_zeroshot": self.after_zeroshot, "loss_curve": self.loss_curve, "seconds": self.seconds,
-                "resumed_from_step": self.resumed_from_step, "rounds": self.rounds}
+                "resumed_from_step": self.resumed_from_step, "rounds": self.rounds,
+                "controls": self.controls}
 
 
 def summarize_loss(curve: list[dict]) -> dict:
@@ -139,8 +142,11 @@ def _validate(config: FinetuneConfig) -> None:
         check_int("--imp-rounds", config.imp_rounds)
         imp.round_targets(config.imp_rounds, config.imp_rate, config.sparsity_to, config.imp_sparsities)
         imp.parse_rewind(config.rewind, config.steps)
+        imp.parse_controls(config.imp_control)
         if config.work_dir is not None or config.resume:
             raise UsageError("--method imp does not take --work-dir / --resume yet: its rounds are not resumable")
+    elif str(config.imp_control).strip().lower() != "none":
+        raise UsageError(f"--imp-control {config.imp_control} needs --method imp, got --method {config.method}")
     if config.method == "rigl":
         check_int("--rigl-every", config.rigl_every)
         check_int("--rigl-end", config.rigl_end, optional=True)

@@ -4,7 +4,9 @@ RigL (Evci et al. 2020, "Rigging the Lottery"): the cosine update fraction, one 
 drop / grow step, and the uniform and Erdos-Renyi-Kernel (ERK) per-layer kept counts.
 Movement pruning (Sanh et al. 2020, hard variant): the score update and the top-k masks.
 Iterative magnitude pruning (Frankle & Carbin 2019): each round's sparsity, its masks from
-the surviving weights' magnitudes, and rewinding the survivors to a saved state.
+the surviving weights' magnitudes, rewinding the survivors to a saved state, and the random
+mask of the lottery-ticket controls (the other control, the ticket's mask on a fresh random
+initialisation, is :func:`rewind` of a freshly initialised state: ``llmprune.training.imp``).
 
 Masks: ``True`` = keep. Every selection is a stable sort, so ties are broken by flat index
 (row-major in the tensor's own layout) and a mask is a deterministic function of its inputs.
@@ -198,3 +200,18 @@ def rewind(saved: Tensor, keep: Tensor) -> Tensor:
     at step k for late rewinding) where ``keep`` is True, exactly 0 elsewhere. A new tensor
     of ``saved``'s shape, dtype and device."""
     return torch.where(keep.to(saved.device), saved, torch.zeros_like(saved))
+
+
+def random_keep_like(keep: dict[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
+    """The "random pruning" control of the lottery-ticket papers: for each mask of ``keep``
+    (``True`` = keep, any shape), a mask of its shape keeping exactly as many entries, chosen
+    uniformly at random (``torch.randperm`` from ``generator``, a CPU generator, drawn in
+    ``keep``'s order: the masks are a deterministic function of its seed). Returns
+    ``{name: bool tensor}`` shaped and placed like each mask; the inputs are not modified."""
+    out = {}
+    for name, mask in keep.items():
+        n_keep = int(mask.sum())
+        flat = torch.zeros(mask.numel(), dtype=torch.bool)
+        flat[torch.randperm(mask.numel(), generator=generator)[:n_keep]] = True
+        out[name] = flat.view(mask.shape).to(mask.device)
+    return out

@@ -29,7 +29,7 @@ from torch import Tensor
 from llmprune.patterns import NM, Pattern, pattern_to_dict
 from llmprune.training import sparse_methods
 from llmprune.training.criteria import magnitude_masks
-from llmprune.training.masks import MaskSet, as_rows
+from llmprune.training.masks import MaskSet
 from llmprune.training.schedules import ConstantSchedule, CubicSchedule
 
 logger = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class GradualMagnitude(MaskStrategy):
         sparsity = self.schedule.sparsity_at(step)
         weights = {name: masks.weight_rows(name) for name in masks.masks}
         new = magnitude_masks(weights, sparsity, pattern=self.pattern, scope=self.scope)  # [out, in]
-        masks.update({name: as_rows(keep, masks.weights[name][1]) for name, keep in new.items()}, optimizer)
+        masks.update({name: masks.in_layout(name, keep) for name, keep in new.items()}, optimizer)
         logger.info("step %d: masks recomputed at sparsity %.4f (measured %.4f)", step, sparsity, masks.sparsity())
         return True
 
@@ -214,8 +214,11 @@ class RigL(MaskStrategy):
         return 0 < step < self.end and step % self.every == 0
 
     def kept_counts(self, masks: MaskSet) -> dict[str, int]:
-        """Weights each matrix keeps (``{name: count}``) at ``sparsity`` under ``distribution``."""
-        shapes = {name: tuple(masks.rows(name).shape) for name in masks.masks}  # [out, in]
+        """Weights each matrix keeps (``{name: count}``) at ``sparsity`` under ``distribution``.
+        ERK reads each parameter's own shape: ``(n_in + n_out) / (n_in n_out)`` for a matrix
+        (either layout), ``(out + in + kh + kw) / (out in kh kw)`` for a ``Conv2d`` kernel, as
+        the reference code scores convolutions."""
+        shapes = {name: tuple(masks.weights[name][0].shape) for name in masks.masks}
         if self.distribution == "erk":
             return sparse_methods.erk_kept_counts(shapes, self.sparsity)
         return sparse_methods.uniform_kept_counts(shapes, self.sparsity)
