@@ -132,7 +132,7 @@ def run_seed(seed: int, data: dict, args) -> dict:
     for rewind, rewind_state in (("init", init_state), (f"step:{args.late_step}", late["state"])):
         model.load_state_dict(dense_state)
         masks = MaskSet.dense(model)
-        strategy = IterativeMagnitude(rounds=args.imp_rounds, rate=args.imp_rate, rewind=rewind, scope=args.scope)
+        strategy = IterativeMagnitude.geometric(args.imp_rounds, args.imp_rate, rewind=rewind, scope=args.scope)
         for r in range(1, args.imp_rounds + 1):
             strategy.prune_round(masks)
             imp.rewind_model(model, masks, rewind_state)

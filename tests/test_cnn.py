@@ -94,7 +94,7 @@ def test_every_strategy_runs_on_a_cnn_with_exact_per_layer_counts(method):
     elif method == "rigl":
         strategy = RigL(sparsity=0.7, end=16, alpha=0.5, every=4, distribution="erk")
     else:
-        strategy = IterativeMagnitude(rounds=2, rate=0.5)
+        strategy = IterativeMagnitude.geometric(2, 0.5)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
     changed = []
 
@@ -165,7 +165,7 @@ def test_reinit_control_is_the_same_seeds_fresh_init_on_the_survivors():
     rewind_state = imp.state_copy(model)
     masks = MaskSet.dense(model)
     train_masked(model, masks, None, batches(5, 3), torch.optim.SGD(model.parameters(), lr=0.1), cross_entropy)
-    strategy = IterativeMagnitude(rounds=1, rate=0.6)
+    strategy = IterativeMagnitude.geometric(1, 0.6)
     strategy.prune_round(masks)
     ticket = {n: m.clone() for n, m in masks.masks.items()}
     rng = torch.get_rng_state()

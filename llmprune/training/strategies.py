@@ -290,6 +290,12 @@ class IterativeMagnitude(MaskStrategy):
     round: int = 0
     name = "imp"
 
+    @classmethod
+    def geometric(cls, rounds: int, rate: float, rewind: str = "init", scope: str = "layer") -> IterativeMagnitude:
+        """``rounds`` rounds that each remove ``rate`` of the surviving weights."""
+        targets = tuple(sparse_methods.imp_round_sparsity(rate, r) for r in range(1, rounds + 1))
+        return cls(targets, rewind, scope, rate)
+
     @property
     def rounds(self) -> int:
         return len(self.targets)
