@@ -265,6 +265,30 @@ def speed_markdown(speed_result: dict) -> str:
     return "\n".join(lines)
 
 
+def row_key(row: dict) -> tuple:
+    """What makes a configuration: the removed counts, criterion, reconstruction, bias."""
+    return tuple(row["counts"].values()), row["criterion"], row["reconstruct"], row["bias_compensation"]
+
+
+def merge_into(out: Path, sources: list[Path]) -> None:
+    """Add the rows of ``sources`` (files this script wrote with the same protocol, e.g. parallel
+    processes given different ``--axes``) that ``out`` lacks; their commands are appended."""
+    result = json.loads(out.read_text())
+    for source in sources:
+        other = json.loads(source.read_text())
+        for name in ("model", "calibration", "eval"):
+            if other["protocol"][name] != result["protocol"][name]:
+                raise SystemExit(f"--merge: {source} has {name} {other['protocol'][name]!r}, {out} has "
+                                 f"{result['protocol'][name]!r}")
+        known = {row_key(r) for r in result["rows"]}
+        result["rows"] += [r for r in other["rows"] if row_key(r) not in known]
+        result["commands"] += [c for c in other["commands"] if c not in result["commands"]]
+    order = {axis: i for i, axis in enumerate(AXES)}
+    result["rows"].sort(key=lambda r: (r["target"], order[r["axis"]], ("activation", "taylor", "magnitude").index(
+        r["criterion"]), not r["reconstruct"]))
+    write_json_atomic(out, result)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -287,6 +311,8 @@ def main() -> None:
     ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--append", action="store_true", help="add rows to --out (its dense row is kept)")
     ap.add_argument("--plot-only", action="store_true")
+    ap.add_argument("--merge", default="", help="comma-separated result files whose rows --out lacks are added "
+                                                "(then as --plot-only)")
     ap.add_argument("--speed-only", action="store_true", help="only time the shapes of --out's rows at --speed-sizes "
                     "against dense, in turns (writes speed_interleaved into --out)")
     ap.add_argument("--speed-sizes", default="0.25")
@@ -295,7 +321,9 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    if args.plot_only:
+    if args.merge:
+        merge_into(args.out, [Path(f) for f in args.merge.split(",") if f.strip()])
+    if args.plot_only or args.merge:
         result = json.loads(args.out.read_text())
         print(plot_svg(result["rows"], result["dense"], args.out.with_suffix(".svg")))
         text = markdown(result)
@@ -364,7 +392,7 @@ def main() -> None:
     if args.then_sizes:  # after the main grid: more sizes with fewer recipes (most informative first)
         then = [(c, {"yes": True, "no": False}[r]) for c, r in (x.split(":") for x in args.then_recipes.split(","))]
         plan_runs += [(float(t), recipe) for t in args.then_sizes.split(",") for recipe in then]
-    done = {(tuple(r["counts"].values()), r["criterion"], r["reconstruct"], r["bias_compensation"]) for r in result["rows"]}
+    done = {row_key(r) for r in result["rows"]}
     for target, (criterion, reconstruct) in plan_runs:
         config = StructuredConfig(**{**base.to_dict(), "criterion": criterion})
         for axis in axes:
