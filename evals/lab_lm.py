@@ -105,16 +105,17 @@ def save_masked(model, tokenizer, masks, folder: Path, note: str) -> Path:
     declares the masked weights pruned: ``llmprune.finetune`` then keeps exactly these masks
     (``--schedule constant``)."""
     from llmprune.checkpoints.save import save_checkpoint
-    from llmprune.patterns import Unstructured
+    from llmprune.patterns import Unstructured, pattern_to_dict
 
     with torch.no_grad():
         for name, (param, _) in masks.weights.items():
             param.mul_(masks.masks[name])
     sparsity = masks.sparsity()
-    metadata = {"recipe": {"method": note, "pattern": {"kind": "unstructured", "sparsity": round(sparsity, 6)}},
+    pattern = pattern_to_dict(Unstructured(round(sparsity, 6)))
+    metadata = {"recipe": {"method": note, "pattern": pattern},
                 "results": {"sparsity": sparsity}, "layers": masks.report()}
     save_checkpoint(model, tokenizer, str(folder), metadata, save_format="dense",
-                    pruned={name: Unstructured(round(sparsity, 6)) for name in masks.masks},
+                    pruned={name: pattern for name in masks.masks},
                     base_model={"source": "lab", "online": False}, overwrite=True)
     return folder
 
@@ -192,28 +193,24 @@ class Lab:
         return rounds
 
     def controls(self, ticket: Path, sparsity: float) -> None:
-        """The lottery-ticket controls at the ticket's per-layer sparsity, trained as the ticket
-        was (same steps and data, mask fixed): its mask on a fresh initialisation (seed + 1000),
-        and a random mask of the same per-layer counts on the ticket's own initialisation."""
+        """The lottery-ticket controls at the ticket's per-matrix sparsity, trained as the ticket
+        was (same steps and data, masks fixed; ``llmprune.training.imp.start_control``): its masks
+        on a fresh initialisation (``reinit``), and a random mask of the same per-matrix counts
+        on the ticket's own initialisation (``random-mask``)."""
         from llmprune.models.loader import load_model
-        from llmprune.training import sparse_methods
+        from llmprune.training import imp
         from llmprune.training.masks import MaskSet
 
-        ticket_masks = MaskSet.from_zeros(load_model(str(ticket), dtype="float32")[0])
-        for method in ("ticket-reinit", "ticket-random"):
-            if self.done(method, sparsity):
+        ticket_masks = MaskSet.from_zeros(load_model(str(ticket), dtype="float32")[0]).masks
+        for row, control in (("ticket-reinit", "reinit"), ("ticket-random", "random-mask")):
+            if self.done(row, sparsity):
                 continue
             model, tokenizer = load_model(str(self.init), dtype="float32")
-            masks = MaskSet.from_zeros(model)  # dense: every prunable weight, all kept
-            if method == "ticket-reinit":
-                sparse_methods.reinitialize(model, seed=self.seed + 1000)
-                keep = {n: ticket_masks.masks[n] for n in masks.masks}
-            else:
-                keep = sparse_methods.random_masks_like(ticket_masks.masks, seed=self.seed + 2000)
-            masks = MaskSet(masks.weights, keep)
-            start_folder = save_masked(model, tokenizer, masks, self.work / f"{method}-{sparsity}-start", method)
+            masks = MaskSet.dense(model)
+            imp.start_control(control, model, masks, ticket_masks, imp.state_copy(model), seed=self.seed)
+            start_folder = save_masked(model, tokenizer, masks, self.work / f"{row}-{sparsity}-start", row)
             result, seconds = self.finetune(start_folder, method="gmp", schedule="constant")
-            self.add(method, sparsity, result.sparsity, ppl_of(result.after_ppl), seconds, 1)
+            self.add(row, sparsity, result.sparsity, ppl_of(result.after_ppl), seconds, 1, control=control)
 
 
 def run_seed(args, seed: int, result: dict) -> None:
