@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -239,12 +240,11 @@ def test_structured_plan_rebuilds_the_model_with_those_units_zeroed(tiny_llama_d
             strategy.params[f"ffn:{layer}"][channels] = closed
             strategy.params[f"ffn:{layer}"][channels[0]] = closed - 1.0  # the lowest: removed first
         strategy.params["ffn:1"][:50] = closed  # the dropped layer's gates do not count
-    strategy.step = 1
-    with torch.no_grad():
-        strategy._finish(masks, None)
-    strategy.finished = True
-    smaller = strategy.final_model(model)
+    assert strategy.after_step(masks, 1) and strategy.finished  # end = 1: the plan is fixed
     ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        held = model(ids).logits  # the original with the hooks that hold the plan (the steps after end)
+    smaller = strategy.final_model(model)
 
     oracle = tiny_llama(tiny_llama_dir)
     layers = oracle.model.layers
@@ -263,6 +263,8 @@ def test_structured_plan_rebuilds_the_model_with_those_units_zeroed(tiny_llama_d
         layers[1].self_attn.o_proj.weight.zero_()
         layers[1].mlp.down_proj.weight.zero_()
         torch.testing.assert_close(smaller(ids).logits, oracle(ids).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(held, oracle(ids).logits, rtol=1e-5, atol=1e-5)
+        assert not model.model.layers[1]._forward_hooks and not model.model.layers[0].mlp.down_proj._forward_pre_hooks
     assert strategy.plan["drop"] == [1] and strategy.plan["ffn"][2] == [c in kept_channels[2] for c in range(128)]
     config = smaller.config
     assert (config.num_hidden_layers, config.num_key_value_heads, config.num_attention_heads,
@@ -333,10 +335,18 @@ def check_saved_sparse(folder, sparsity):
     return json.loads((folder / "llmprune.json").read_text())
 
 
-def test_l0_run_reaches_the_target_and_saves_exact_masks(tiny_llama_dir, train_text, tmp_path, one_thread):
+def test_cli_l0_run_reaches_the_target_and_saves_exact_masks(tiny_llama_dir, train_text, tmp_path, one_thread,
+                                                             capsys):
+    from llmprune.cli.finetune import main
+
     save = tmp_path / "l0"
-    result = llmprune.finetune(str(tiny_llama_dir), dataset=train_text, method="l0", sparsity_to=0.7, prune_end=6,
-                               gate_lr=0.2, l0_lambda_lr=0.5, save=str(save), **RUN)
+    code = main(["--model", str(tiny_llama_dir), "--teacher", "none", "--dataset", train_text, "--steps", "8",
+                 "--seqlen", "32", "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-3", "--method", "l0",
+                 "--sparsity-to", "0.7", "--prune-end", "6", "--gate-lr", "0.2", "--l0-lambda-lr", "0.5",
+                 "--eval", "none", "--device", "cpu", "--no-progress", "--save", str(save),
+                 "--results", str(tmp_path / "l0.json")])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    result = SimpleNamespace(**json.loads((tmp_path / "l0.json").read_text()))
     meta = check_saved_sparse(save, 0.7)
     strategy = meta["recipe"]["finetune"]["strategy"]
     assert meta["recipe"]["method"] == "l0" and strategy["structure"] == "weight"
@@ -349,6 +359,26 @@ def test_l0_run_reaches_the_target_and_saves_exact_masks(tiny_llama_dir, train_t
     below = [r for r in rows[1:6] if r["expected_sparsity"] < r["target_sparsity"]]
     assert below and all(b["lambda1"] > a["lambda1"] for a, b in zip(rows[1:5], rows[2:6]) if a in below)
     assert "L0 hard-concrete gates per weight" in (save / "README.md").read_text()
+
+
+def test_the_regularizer_enters_each_step_once_under_gradient_accumulation():
+    """transformers divides a micro-batch's loss by the k accumulation steps unless it is already
+    scaled by num_items_in_batch: the term is R / k in the first case (k micro-batches add up
+    to R), R in the second (the Trainer divides it)."""
+    from llmprune.training.trainer import DistillationTrainer
+
+    r = torch.tensor(0.8)
+    stub = SimpleNamespace(regularizer=lambda: (r, {"expected_sparsity": 0.25}), loss_is_scaled_for_ga=None,
+                           model_accepts_loss_kwargs=True, current_gradient_accumulation_steps=4, _scaled=True,
+                           _terms={}, _extra_logs={})
+    loss = torch.tensor(2.0)
+    assert float(DistillationTrainer._regularized(stub, loss, num_items_in_batch=100)) == pytest.approx(2.2)
+    stub._scaled = False
+    assert float(DistillationTrainer._regularized(stub, loss, num_items_in_batch=None)) == pytest.approx(2.8)
+    assert stub._terms == {"regularizer": [pytest.approx(0.2), pytest.approx(0.8)]}  # each logs as R per step
+    assert stub._extra_logs == {"expected_sparsity": 0.25}
+    stub.regularizer = lambda: None
+    assert DistillationTrainer._regularized(stub, loss, None) is loss
 
 
 def test_soft_movement_run_records_its_threshold_sparsity(tiny_llama_dir, train_text, tmp_path, one_thread):
@@ -388,15 +418,18 @@ def test_structured_l0_run_saves_a_smaller_model_from_pretrained_loads(tiny_llam
     assert llmprune.load(save) is not None
 
 
-@pytest.mark.parametrize("variant", ["l0", "soft", "structured"])
+@pytest.mark.parametrize("variant", ["l0", "soft", "structured", "structured-fixed"])
 def test_work_dir_resume_gives_the_uninterrupted_weights(variant, tiny_llama_dir, train_text, tmp_path, one_thread):
     """Resumed from the step-4 checkpoint (before the gates are fixed at step 6): the gates, their
-    Adam moments, the multipliers and the noise (the Trainer's RNG state) continue exactly."""
+    Adam moments, the multipliers and the noise (the Trainer's RNG state) continue exactly.
+    ``structured-fixed``: the plan was fixed at step 3, and the resumed run holds it again."""
     options = {"l0": dict(method="l0", sparsity_to=0.6, prune_end=6, gate_lr=0.2, l0_lambda_lr=0.5),
                "soft": dict(method="movement", movement_mode="soft", sparsity_to=0.6, prune_every=2,
                             movement_lambda=20.0, gate_lr=0.05),
                "structured": dict(method="l0", sparsity_to=0.6, l0_structure="ffn,layers", l0_init=-1.0, prune_end=6,
-                                  gate_lr=0.3, l0_lambda_lr=1.0)}[variant]
+                                  gate_lr=0.3, l0_lambda_lr=1.0),
+               "structured-fixed": dict(method="l0", sparsity_to=0.6, l0_structure="heads,ffn", l0_init=-2.0,
+                                        prune_end=3, l0_warmup=0, gate_lr=0.3, l0_lambda_lr=1.0)}[variant]
     options = {**RUN, "dataset": train_text, "save_every": 4, **options}
     reference = llmprune.finetune(str(tiny_llama_dir), **{**options, "save_every": None})
     work = tmp_path / "work"
@@ -409,6 +442,8 @@ def test_work_dir_resume_gives_the_uninterrupted_weights(variant, tiny_llama_dir
     for name in want:
         assert torch.equal(want[name], got[name]), name
     assert resumed.strategy["at_end"] == reference.strategy["at_end"]
+    if variant == "structured-fixed":
+        assert resumed.strategy["at_end"]["step"] == 3 and resumed.strategy["at_end"]["ffn_channels_removed_per_layer"]
 
 
 @pytest.mark.parametrize("options, message", [

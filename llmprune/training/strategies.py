@@ -364,7 +364,8 @@ class GatedStrategy(MaskStrategy):
         raise NotImplementedError
 
     def _finish(self, masks: MaskSet, optimizer) -> None:
-        """Fix the result at step ``end`` (the gates are still installed)."""
+        """Fix the result at step ``end`` (the gates are removed; the tensors are still there).
+        It may install hooks that hold the result (their removers in ``_removers``)."""
         raise NotImplementedError
 
     def _optimizer_groups(self) -> list[tuple[list[str], float, bool]]:
@@ -413,9 +414,9 @@ class GatedStrategy(MaskStrategy):
             opt.zero_grad(set_to_none=True)
         if step < self.end:
             return False
+        self._remove_gates()
         with torch.no_grad():
             self._finish(masks, optimizer)
-        self._remove_gates()
         self.finished = True
         self.params, self._optimizers = {}, []
         return True
@@ -820,7 +821,6 @@ class StructuredL0(GatedStrategy):
         drop, keep = gates.uniform_removal(layer_alpha, units)
         self.at_end = {"step": self.step, "expected_sparsity": float(self.expected_sparsity())}
         self.plan = {"drop": drop, **{k: [None if m is None else m.tolist() for m in v] for k, v in keep.items()}}
-        self._remove_gates()
         self._removers = self._install_plan()
         logger.info("step %d: structured l0 gates fixed (expected sparsity %.4f): layers dropped %s, per kept layer "
                     "%s", self.step, self.at_end["expected_sparsity"], drop,
