@@ -487,7 +487,7 @@ def test_imp_sparsities_set_each_round(tiny_llama_dir, train_text, tmp_path, one
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"method": "l0", "sparsity_to": 0.5}, "--method l0 is not built yet; valid: gmp, imp, movement, rigl"),
+    ({"method": "lzero", "sparsity_to": 0.5}, "--method must be one of gmp, imp, l0, movement, rigl, got 'lzero'"),
     ({"method": "imp"}, "--method imp needs --sparsity-to"),
     ({"method": "imp", "sparsity_to": 0.5, "imp_rate": 0.5}, "--imp-rate 0.5 over --imp-rounds 3 reaches"),
     ({"method": "imp", "imp_rate": 0.2, "rewind": "step:11"}, "--rewind must be init or step:K"),

@@ -516,8 +516,24 @@ def _strategy_text(strategy: dict) -> str:
     schedule = strategy.get("schedule") or {}
     cubic = (f"cubic (Zhu & Gupta) from sparsity {schedule.get('initial', 0):g} to {schedule.get('final', 0):g}, "
              f"every {schedule.get('every')} steps from step {schedule.get('start')} to {schedule.get('end')}")
+    if method == "movement" and strategy.get("mode") == "soft":
+        reached = (strategy.get("at_end") or {}).get("threshold_sparsity")
+        return (f"soft movement pruning (learned scores, mask sigmoid(S) > {strategy.get('tau'):g}, penalty "
+                f"{strategy.get('lambda'):g} * mean sigmoid(S) ramped by the schedule), {cubic}; then the top-k scores "
+                f"at {schedule.get('final', 0):g}" + (f" (the threshold mask was at {reached:.4g})" if reached is not None
+                                                      else ""))
     if method == "movement":
         return f"movement pruning (hard, top-k of -W * dL/dW accumulated), {cubic}"
+    if method == "l0":
+        at_end = strategy.get("at_end") or {}
+        reached = at_end.get("expected_sparsity")
+        what = "per weight" if strategy.get("structure") == "weight" else f"per {strategy.get('structure')}"
+        fixed = ("the highest log_alpha kept at that sparsity" if strategy.get("structure") == "weight"
+                 else "the model rewritten without the closed units and layers (uniform counts)")
+        return (f"L0 hard-concrete gates {what} (beta {strategy.get('beta'):.3g}), Lagrangian towards sparsity "
+                f"{strategy.get('sparsity'):g} (target warm-up {strategy.get('warmup')} steps), gates fixed at step "
+                f"{strategy.get('end')}" + (f" at expected sparsity {reached:.4g}" if reached is not None else "")
+                + f"; {fixed}")
     if method == "rigl":
         return (f"RigL at sparsity {strategy.get('sparsity'):g} ({strategy.get('distribution')}): drop / grow a fraction "
                 f"{strategy.get('alpha'):g} (cosine decay) every {strategy.get('every')} steps until step {strategy.get('end')}")

@@ -38,8 +38,9 @@ class FinetuneConfig:
     max_grad_norm: float = _opt(1.0, "gradient clipping norm (0: off)")
     seed: int = _opt(0, "seed for the data order and the Trainer")
     method: str = _opt("gmp", "mask-update strategy: gmp (gradual magnitude pruning with --schedule), movement "
-                              "(hard movement pruning on the cubic schedule flags), rigl (drop / grow at "
-                              "--sparsity-to), imp (iterative magnitude pruning with rewinding); l0 is not built yet")
+                              "(movement pruning, --movement-mode hard or soft, on the cubic schedule flags), rigl "
+                              "(drop / grow at --sparsity-to), imp (iterative magnitude pruning with rewinding), l0 "
+                              "(hard-concrete gates and a Lagrangian towards --sparsity-to, --l0-structure)")
     schedule: str = _opt("constant", "gmp: constant (keep the loaded mask) or cubic (prune gradually during "
                                      "training); movement always prunes on the cubic schedule")
     sparsity_from: float = _opt(0.0, "cubic: initial sparsity s_i, in [0, 1)")
@@ -48,7 +49,8 @@ class FinetuneConfig:
     prune_every: int = _opt(50, "cubic: steps between mask updates (dt)")
     prune_start: int = _opt(0, "cubic: first mask update step (t0)")
     prune_end: int | None = _opt(None, "cubic: last mask update step (default: the last multiple of --prune-every "
-                                       "at or below 3/4 of --steps)")
+                                       "at or below 3/4 of --steps); l0: the step the gates are fixed (default: 3/4 "
+                                       "of --steps)")
     pattern: str | None = _opt(None, "'unstructured' or 'N:M' (cubic: the target; constant: checked against the "
                                      "loaded mask; default: the checkpoint's declared pattern)")
     scope: str = _opt("layer", "unstructured ranking (gmp, imp: magnitude; movement: scores): layer (each matrix) or "
@@ -70,6 +72,23 @@ class FinetuneConfig:
     rigl_end: int | None = _opt(None, "rigl: the step T_end from which the masks stay fixed (default: 3/4 of --steps)")
     rigl_distribution: str = _opt("uniform", "rigl: per-matrix sparsity: uniform (--sparsity-to everywhere) or erk "
                                              "(Erdos-Renyi-Kernel, the same total)")
+    movement_mode: str = _opt("hard", "movement: hard (keep the top-k of the accumulated -W * dL/dW at each cubic "
+                                      "update) or soft (learned scores S, the forward pass keeps sigmoid(S) > "
+                                      "--movement-tau, penalty --movement-lambda; top-k of S at --sparsity-to at "
+                                      "--prune-end)")
+    movement_tau: float = _opt(0.1, "soft movement: threshold on sigmoid(S) in the forward pass, in (0, 1)")
+    movement_lambda: float = _opt(1.0, "soft movement: final weight of the penalty lambda * mean sigmoid(S), ramped "
+                                       "with the cubic schedule (lambda * s_t / s_f)")
+    gate_lr: float = _opt(0.01, "l0 and soft movement: Adam learning rate of the gates (log_alpha, scores), their "
+                                "own optimizer, no weight decay")
+    l0_structure: str = _opt("weight", "l0: weight (a gate per weight of every masked matrix) or a comma list of "
+                                       "heads, ffn, layers (a gate per KV group, FFN channel, decoder layer; the saved "
+                                       "model is smaller and dense)")
+    l0_warmup: int | None = _opt(None, "l0: steps over which the Lagrangian's target ramps linearly from 0 to "
+                                       "--sparsity-to (default: half the steps until the gates are fixed)")
+    l0_lambda_lr: float = _opt(0.01, "l0: Adam learning rate of the Lagrange multipliers (gradient ascent)")
+    l0_beta: float = _opt(2.0 / 3.0, "l0: hard-concrete temperature beta")
+    l0_init: float = _opt(3.0, "l0: initial log_alpha of every gate (3: P(gate != 0) = 0.99, test-time gate 1)")
     distill_weight: float = _opt(0.5, "weight a of KL(teacher || student): loss = (1 - a) LM + a KL "
                                       "(1 = distillation only, 0 = plain LM loss)")
     distill_temp: float = _opt(1.0, "distillation temperature T (the KL is scaled by T^2)")

@@ -53,6 +53,8 @@ class FinetuneResult:
     rounds: list[dict] = field(default_factory=list)
     # --imp-control: one entry per lottery-ticket control trained after the last round
     controls: list[dict] = field(default_factory=list)
+    # structured l0: parameter counts before and after the rewrite ({} otherwise)
+    params: dict = field(default_factory=dict)
 
     def loss_summary(self) -> dict:
         return summarize_loss(self.loss_curve)
@@ -76,7 +78,7 @@ class FinetuneResult:
                 "after_ppl": ppl(self.after_ppl), "before_zeroshot": self.before_zeroshot,
                 "after_zeroshot": self.after_zeroshot, "loss_curve": self.loss_curve, "seconds": self.seconds,
                 "resumed_from_step": self.resumed_from_step, "rounds": self.rounds,
-                "controls": self.controls}
+                "controls": self.controls, "params": self.params}
 
 
 def summarize_loss(curve: list[dict]) -> dict:
@@ -113,7 +115,7 @@ def _validate(config: FinetuneConfig) -> None:
     from llmprune.runtime import devices
     from llmprune.training.criteria import SCOPES
     from llmprune.training.sparse_methods import DISTRIBUTIONS
-    from llmprune.training.strategies import METHODS, NOT_BUILT
+    from llmprune.training.strategies import METHODS, MOVEMENT_MODES, NOT_BUILT
 
     if not config.model:
         raise UsageError("--model is required: a pruned checkpoint folder, Hub id, .gguf file or alias")
@@ -147,6 +149,10 @@ def _validate(config: FinetuneConfig) -> None:
             raise UsageError("--method imp does not take --work-dir / --resume yet: its rounds are not resumable")
     elif str(config.imp_control).strip().lower() != "none":
         raise UsageError(f"--imp-control {config.imp_control} needs --method imp, got --method {config.method}")
+    if config.method == "l0" or (config.method == "movement" and config.movement_mode == "soft"):
+        _validate_gates(config)
+    if config.movement_mode not in MOVEMENT_MODES:
+        raise UsageError(f"--movement-mode must be one of {', '.join(MOVEMENT_MODES)}, got {config.movement_mode!r}")
     if config.method == "rigl":
         check_int("--rigl-every", config.rigl_every)
         check_int("--rigl-end", config.rigl_end, optional=True)
@@ -188,6 +194,34 @@ def _validate(config: FinetuneConfig) -> None:
             raise UsageError(f"--work-dir {str(work)!r} is not empty: pass --resume to continue its run, "
                              "or give an empty folder")
     data.check_disjoint(config.dataset, config.eval_sources)
+
+
+def _validate_gates(config: FinetuneConfig) -> None:
+    """The options of the gate methods (``--method l0``, ``--movement-mode soft``)."""
+    from llmprune.training.strategies import l0_end, parse_structure
+
+    def positive(flag: str, value) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            raise UsageError(f"{flag} must be a positive number, got {value!r}")
+
+    positive("--gate-lr", config.gate_lr)
+    if config.method == "movement":
+        if not (isinstance(config.movement_tau, (int, float)) and 0.0 < config.movement_tau < 1.0):
+            raise UsageError(f"--movement-tau must be in (0, 1), got {config.movement_tau!r}")
+        if not (isinstance(config.movement_lambda, (int, float)) and math.isfinite(config.movement_lambda)
+                and config.movement_lambda >= 0):
+            raise UsageError(f"--movement-lambda must be >= 0, got {config.movement_lambda!r}")
+        return
+    parse_structure(config.l0_structure)
+    positive("--l0-lambda-lr", config.l0_lambda_lr)
+    positive("--l0-beta", config.l0_beta)
+    if not (isinstance(config.l0_init, (int, float)) and math.isfinite(config.l0_init)):
+        raise UsageError(f"--l0-init must be a finite number, got {config.l0_init!r}")
+    check_int("--l0-warmup", config.l0_warmup, optional=True, minimum=0)
+    end = l0_end(config.steps, config.prune_end)
+    if config.l0_warmup is not None and config.l0_warmup > end:
+        raise UsageError(f"--l0-warmup {config.l0_warmup} must be at most the step the gates are fixed "
+                         f"(--prune-end, default 3/4 of --steps: {end})")
 
 
 def gradual(config: FinetuneConfig) -> bool:
@@ -305,6 +339,17 @@ class _Run:
         self.seconds["train"] = time.perf_counter() - start
         self.model.to("cpu")
         result.sparsity = masks.sparsity() if masks.masks else 0.0
+        smaller = strategy.final_model(self.model)
+        if smaller is not self.model:  # structured l0: the units and layers it removed are cut out
+            from llmprune.structured.run import count_parameters
+            from llmprune.training.masks import MaskSet
+
+            before, after = count_parameters(self.model), count_parameters(smaller)
+            result.params = {**{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in after.items()}}
+            result.sparsity = 1.0 - after["decoder"] / before["decoder"]
+            self.model = result.model = smaller
+            masks = MaskSet({}, {})
+        result.strategy = strategy.describe()
         start = time.perf_counter()
         result.after_ppl = evaluate(self.model, self.tokenizer, config, self.device, eval_tokens)
         result.after_zeroshot = evaluate_tasks(self.model, self.tokenizer, self.tasks, self.device)
@@ -402,10 +447,16 @@ class _Run:
         imp_targets, imp_rate = imp.round_targets(config.imp_rounds, config.imp_rate, config.sparsity_to,
                                                   config.imp_sparsities) if config.method == "imp" else ((), None)
         strategy = METHODS[config.method](
+            model=self.model, prune_end=config.prune_end, movement_mode=config.movement_mode,
+            movement_tau=config.movement_tau, movement_lambda=config.movement_lambda, gate_lr=config.gate_lr,
+            l0_structure=config.l0_structure, l0_warmup=config.l0_warmup, l0_lambda_lr=config.l0_lambda_lr,
+            l0_beta=config.l0_beta, l0_init=config.l0_init,
             schedule=schedule, pattern=nm, scope=config.scope, sparsity=pattern.target_sparsity if pattern else 0.0,
             steps=config.steps, rigl_alpha=config.rigl_alpha, rigl_every=config.rigl_every, rigl_end=config.rigl_end,
             rigl_distribution=config.rigl_distribution, imp_targets=imp_targets, imp_rate=imp_rate,
             rewind=config.rewind)
+        if getattr(strategy, "structure", ()):  # structured l0: the result is a smaller dense model
+            pattern = None
         return masks, strategy, pattern
 
     def read_data(self):
@@ -453,6 +504,7 @@ class _Run:
             model=self.model, args=args, train_dataset=WindowDataset(windows, order), callbacks=[callback],
             teacher=teacher, distill_weight=config.distill_weight, distill_temp=config.distill_temp,
             hidden_weight=config.distill_hidden, tokens_per_step=config.batch_size * config.grad_accum * windows.shape[1],
+            regularizer=strategy.regularizer,
         )
         trainer.remove_callback(ProgressCallback)
         trainer.remove_callback(PrinterCallback)
@@ -515,6 +567,10 @@ class _Run:
                    "pruned_ppl": {n: r.__dict__ for n, r in result.after_ppl.items()},
                    "before_finetune_zeroshot": result.before_zeroshot, "pruned_zeroshot": result.after_zeroshot}
         metadata = {"recipe": recipe, "results": results, "layers": masks.report()}
+        if result.params:  # structured l0 (llmprune.structured's section of llmprune.json)
+            at_end = result.strategy.get("at_end") or {}
+            metadata["structured"] = {"params": result.params, **{k: at_end[k] for k in (
+                "dropped_layers", "head_groups_removed_per_layer", "ffn_channels_removed_per_layer") if k in at_end}}
         base = self.meta.get("base_model") or base_model_info(config.model, online=False)
         declared = {name: pattern for name in masks.masks}
         save_checkpoint(self.model, self.tokenizer, folder, metadata, save_format=config.save_format,

@@ -34,13 +34,23 @@ class Teacher:
 
 class DistillationTrainer(Trainer):
     """``Trainer`` whose loss is ``(1 - a) * LM + a * KL(teacher || student) + b * hidden MSE``
-    (``llmprune.training.distill``). Without a teacher (or with ``a = b = 0``) it is the plain
-    Trainer loss. With gradient accumulation every term is a token sum over the accumulated
-    batch's ``num_items_in_batch``, as transformers scales the LM loss."""
+    (``llmprune.training.distill``) ``+ R``. Without a teacher (or with ``a = b = 0``) the first
+    part is the plain Trainer loss. With gradient accumulation every term is a token sum over
+    the accumulated batch's ``num_items_in_batch``, as transformers scales the LM loss.
+
+    ``regularizer`` (optional): called once per micro-batch, returns None or ``(R, logs)``, ``R``
+    a 0-dim tensor that does not depend on the batch (a mask strategy's L0 Lagrangian or
+    penalty, :meth:`llmprune.training.strategies.MaskStrategy.regularizer`) and ``logs`` floats
+    to log. ``R`` is added so that each optimizer step's loss contains it exactly once (divided
+    among the micro-batches); it is logged as ``regularizer``, each entry of ``logs`` under its
+    own name (their last value in the logging interval)."""
 
     def __init__(self, *args, teacher: Teacher | None = None, distill_weight: float = 0.0,
-                 distill_temp: float = 1.0, hidden_weight: float = 0.0, tokens_per_step: int | None = None, **kwargs):
+                 distill_temp: float = 1.0, hidden_weight: float = 0.0, tokens_per_step: int | None = None,
+                 regularizer=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.regularizer = regularizer
+        self._extra_logs: dict[str, float] = {}
         self.teacher = teacher
         self.distill_weight = distill_weight if teacher is not None else 0.0
         self.hidden_weight = hidden_weight if teacher is not None else 0.0
@@ -55,7 +65,13 @@ class DistillationTrainer(Trainer):
         if self._clock is None:
             self._clock = (time.perf_counter(), self.state.global_step)
         if self.teacher is None or (self.distill_weight == 0.0 and self.hidden_weight == 0.0):
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if self.regularizer is None:
+                return result
+            self._scaled = num_items_in_batch is not None
+            if return_outputs:
+                return self._regularized(result[0], num_items_in_batch), result[1]
+            return self._regularized(result, num_items_in_batch)
         hidden = self.hidden_weight > 0.0
         kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
         outputs = model(**inputs, use_cache=False, output_hidden_states=hidden, **kwargs)
@@ -69,11 +85,26 @@ class DistillationTrainer(Trainer):
             scale = 1.0 / float(num_items_in_batch)
             kl = kl_divergence(student_logits, teacher_logits[:, :-1], self.distill_temp, reduction="sum") * scale
             hid = hidden_state_loss(outputs.hidden_states, teacher_hidden, reduction="sum") * scale if hidden else None
-        loss = mixed_loss(outputs.loss, kl, self.distill_weight, hid, self.hidden_weight)
+        loss = self._regularized(mixed_loss(outputs.loss, kl, self.distill_weight, hid, self.hidden_weight),
+                                 num_items_in_batch)
         for key, value in (("lm_loss", outputs.loss), ("kl", kl), ("hidden_mse", hid)):
             if value is not None:
                 self._terms.setdefault(key, []).append(float(value.detach()))
         return (loss, outputs) if return_outputs else loss
+
+    def _regularized(self, loss, num_items_in_batch):
+        """``loss + R / k`` when transformers will not divide this micro-batch's loss by the ``k``
+        accumulation steps (the loss is already scaled by ``num_items_in_batch``), else ``loss + R``."""
+        value = self.regularizer() if self.regularizer is not None else None
+        if value is None:
+            return loss
+        term, logs = value
+        scaled_for_ga = self.loss_is_scaled_for_ga if getattr(self, "loss_is_scaled_for_ga", None) is not None \
+            else self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        share = term / self.current_gradient_accumulation_steps if scaled_for_ga else term
+        self._terms.setdefault("regularizer", []).append(float((share if self._scaled else term).detach()))
+        self._extra_logs.update(logs)
+        return loss + share.to(loss.device)
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         # Per micro-batch values since the last log: token sums over num_items_in_batch (they add
@@ -83,6 +114,9 @@ class DistillationTrainer(Trainer):
             for key, values in self._terms.items():
                 logs[key] = sum(values) / (steps if self._scaled else len(values))
             self._terms = {}
+        if "loss" in logs and self._extra_logs:
+            logs.update(self._extra_logs)
+            self._extra_logs = {}
         if "loss" in logs:
             self._last_logged_step = self.state.global_step
             if self.tokens_per_step and self._clock is not None:
