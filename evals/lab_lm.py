@@ -151,12 +151,12 @@ class Lab:
 
     # -- methods
     def dense(self) -> Path:
+        """The dense model trained once (reused if ``--work`` has it, e.g. from another process)."""
         folder = self.work / "dense"
-        if not self.done("dense", 0.0) or not (folder / "config.json").is_file():
+        if not (folder / "config.json").is_file():
             result, seconds = self.finetune(self.init, method="gmp", schedule="constant", save=str(folder),
                                             overwrite=True)
-            if not self.done("dense", 0.0):
-                self.add("dense", 0.0, 0.0, ppl_of(result.after_ppl), seconds, 1)
+            self.add("dense", 0.0, 0.0, ppl_of(result.after_ppl), seconds, 1)
         return folder
 
     def oneshot(self, dense: Path, sparsity: float) -> None:
@@ -181,8 +181,8 @@ class Lab:
         targets = self.args.sparsities
         rounds = {t: (folder / "rounds" / f"round-{i + 1}" if i + 1 < len(targets) else folder)
                   for i, t in enumerate(targets)}
-        if all(self.done(method, t) for t in targets) and folder.is_dir():
-            return rounds
+        if all((c / "llmprune.json").is_file() for c in rounds.values()):
+            return rounds  # trained before (this run or another process on the same --work)
         result, seconds = self.finetune(self.init, method="imp", imp_sparsities=",".join(map(str, targets)),
                                         rewind=rewind, save=str(folder), overwrite=True)
         for i, target in enumerate(targets):
@@ -220,7 +220,8 @@ def run_seed(args, seed: int, result: dict) -> None:
     for s in args.sparsities:
         if "oneshot" in methods and not lab.done("oneshot", s):
             lab.oneshot(dense, s)
-    tickets = lab.imp("imp-init", "init") if "imp-init" in methods or "ticket-reinit" in methods else {}
+    if "imp-init" in methods:
+        lab.imp("imp-init", "init")
     if "imp-late" in methods:
         lab.imp("imp-late", f"step:{args.late_rewind}")
     for s in args.sparsities:
@@ -233,14 +234,18 @@ def run_seed(args, seed: int, result: dict) -> None:
         for method, options in EXTRA_METHODS.items():
             if method in methods and not lab.done(method, s):
                 lab.gradual(method, s, **options)
-        if {"ticket-reinit", "ticket-random"} & set(methods):
+    if {"ticket-reinit", "ticket-random"} & set(methods):
+        tickets = lab.imp("imp-init", "init")  # the tickets: rewound to init
+        for s in args.sparsities:
             lab.controls(tickets[s], s)
 
 
-# methods built on other flags of llmprune.finetune, run like gmp (added as they are built)
-EXTRA_METHODS: dict[str, dict] = {}
+# methods that prune during one training, as gmp, through other flags of llmprune.finetune
+EXTRA_METHODS: dict[str, dict] = {"movement-soft": {"method": "movement", "movement_mode": "soft"},
+                                   "l0": {"method": "l0"}}
 METHODS = ("dense", "oneshot", "gmp", "imp-init", "imp-late", "ticket-reinit", "ticket-random", "movement",
            "rigl", *EXTRA_METHODS)
+KEY = ("method", "seed", "sparsity_target")
 
 
 def markdown(result: dict) -> str:
@@ -289,10 +294,14 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/llmprune-lab-lm"), help="models and checkpoints")
     ap.add_argument("--append", action="store_true", help="keep --out's rows and skip what they measured")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--merge", default="", help="comma-separated result files whose rows --out lacks are added "
+                                                "(processes run with the same protocol and --work), then as --report-only")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.report_only:
+    if args.merge:
+        merge_into(args.out, [Path(f) for f in args.merge.split(",") if f.strip()])
+    if args.report_only or args.merge:
         result = json.loads(args.out.read_text())
         text = markdown(result)
         args.out.with_suffix(".md").write_text(text + "\n")
@@ -321,6 +330,22 @@ def main() -> None:
     args.out.with_suffix(".md").write_text(markdown(result) + "\n")
     plot_svg(result, args.out.with_suffix(".svg"))
     print(markdown(result))
+
+
+def merge_into(out: Path, sources: list[Path]) -> None:
+    """Add the rows of ``sources`` that ``out`` lacks (same protocol required)."""
+    result = json.loads(out.read_text())
+    for source in sources:
+        other = json.loads(source.read_text())
+        same = ("hidden", "layers", "heads", "steps", "seqlen", "batch_size", "lr", "warmup", "prune_every", "eval_tokens")
+        for name in same:
+            if other["protocol"][name] != result["protocol"][name]:
+                raise SystemExit(f"--merge: {source} has {name} {other['protocol'][name]!r}, {out} has "
+                                 f"{result['protocol'][name]!r}")
+        known = {tuple(r[k] for k in KEY) for r in result["rows"]}
+        result["rows"] += [r for r in other["rows"] if tuple(r[k] for k in KEY) not in known]
+        result["commands"] += other["commands"]
+    write_json_atomic(out, result)
 
 
 def plot_svg(result: dict, path: Path) -> Path:
