@@ -10,7 +10,7 @@ interface methods plug into), ``imp`` (the rounds of ``--method imp``: prune, re
 retrain; the lottery-ticket controls), ``filters`` (CNN filter pruning: which filters, and the
 rewrite of a smaller ``nn.Sequential``), ``distill`` (the loss), ``callback`` (the
 ``transformers.TrainerCallback``), ``loop`` (the same enforcement in a plain PyTorch loop, for a
-CNN), ``trainer`` (the Trainer the CLI runs), ``run`` (the fine-tuning run behind
-``python -m llmprune.finetune``). Mask convention: ``True`` = keep.
+CNN), ``trainer`` (the Trainer the CLI runs), ``evaluate`` (perplexity, tasks and loss
+summaries of a run), ``run`` (the fine-tuning run behind ``python -m llmprune.finetune``). Mask convention: ``True`` = keep.
 Nothing is imported here, so ``import llmprune.training`` stays cheap.
 """

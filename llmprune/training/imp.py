@@ -37,6 +37,7 @@ from transformers import TrainerCallback
 from llmprune.errors import UsageError
 from llmprune.patterns import Unstructured
 from llmprune.training import sparse_methods
+from llmprune.training.evaluate import evaluate, summarize_loss
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +186,6 @@ def train_rounds(run, masks, strategy, windows, order, eval_tokens, result) -> P
     On an exception the folder is removed."""
     import dataclasses
 
-    from llmprune.training.run import evaluate, summarize_loss
 
     config = run.config
     rewind_step = parse_rewind(config.rewind, config.steps)
@@ -234,7 +234,6 @@ def train_controls(run, masks, strategy, windows, order, eval_tokens, result, re
     masks) back, as the caller expects it."""
     import dataclasses
 
-    from llmprune.training.run import evaluate, summarize_loss
 
     config = run.config
     controls = parse_controls(config.imp_control)
