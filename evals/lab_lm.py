@@ -159,6 +159,14 @@ class Lab:
             self.add("dense", 0.0, 0.0, ppl_of(result.after_ppl), seconds, 1)
         return folder
 
+    def dense_long(self) -> None:
+        """The dense model trained as long as one IMP run in total (``steps x (rounds + 1)``):
+        the compute-matched reference for the tickets."""
+        trainings = len(self.args.sparsities) + 1
+        result, seconds = self.finetune(self.init, method="gmp", schedule="constant",
+                                        steps=self.args.steps * trainings)
+        self.add("dense-long", 0.0, 0.0, ppl_of(result.after_ppl), seconds, trainings)
+
     def oneshot(self, dense: Path, sparsity: float) -> None:
         import llmprune
 
@@ -217,6 +225,8 @@ def run_seed(args, seed: int, result: dict) -> None:
     lab = Lab(args, seed, result)
     methods = args.methods
     dense = lab.dense()
+    if "dense-long" in methods and not lab.done("dense-long", 0.0):
+        lab.dense_long()
     for s in args.sparsities:
         if "oneshot" in methods and not lab.done("oneshot", s):
             lab.oneshot(dense, s)
@@ -243,7 +253,7 @@ def run_seed(args, seed: int, result: dict) -> None:
 # methods that prune during one training, as gmp, through other flags of llmprune.finetune
 EXTRA_METHODS: dict[str, dict] = {"movement-soft": {"method": "movement", "movement_mode": "soft"},
                                    "l0": {"method": "l0"}}
-METHODS = ("dense", "oneshot", "gmp", "imp-init", "imp-late", "ticket-reinit", "ticket-random", "movement",
+METHODS = ("dense", "dense-long", "oneshot", "gmp", "imp-init", "imp-late", "ticket-reinit", "ticket-random", "movement",
            "rigl", *EXTRA_METHODS)
 KEY = ("method", "seed", "sparsity_target")
 
@@ -257,7 +267,11 @@ def markdown(result: dict) -> str:
     lines = [head, "|" + "---|" * (2 + len(sparsities))]
     if dense:
         lines.append(f"| dense | 1 | {cell(dense)} |" + " |" * (len(sparsities) - 1))
-    for method in [m for m in METHODS if m != "dense"]:
+    long = [r for r in rows if r["method"] == "dense-long"]
+    if long:
+        lines.append(f"| dense, {long[0]['trainings']}x the steps | {long[0]['trainings']} | {cell([r['ppl'] for r in long])} |"
+                     + " |" * (len(sparsities) - 1))
+    for method in [m for m in METHODS if m not in ("dense", "dense-long")]:
         mine = [r for r in rows if r["method"] == method]
         if not mine:
             continue
@@ -380,7 +394,11 @@ def plot_svg(result: dict, path: Path) -> Path:
     if dense:
         _, y = xy(0, sum(dense) / len(dense))
         parts.append(f'<line x1="{pad}" x2="{width - 150}" y1="{y}" y2="{y}" stroke="#999" stroke-dasharray="4,3"/>')
-    for k, method in enumerate(m for m in METHODS if m != "dense"):
+    long = [r["ppl"] for r in rows if r["method"] == "dense-long"]
+    if long:
+        _, y = xy(0, sum(long) / len(long))
+        parts.append(f'<line x1="{pad}" x2="{width - 150}" y1="{y}" y2="{y}" stroke="#999" stroke-dasharray="1,2"/>')
+    for k, method in enumerate(m for m in METHODS if m not in ("dense", "dense-long")):
         points = []
         for i, s in enumerate(sparsities):
             values = [r["ppl"] for r in rows if r["method"] == method and r["sparsity_target"] == s]
@@ -393,7 +411,7 @@ def plot_svg(result: dict, path: Path) -> Path:
         parts += ['<circle cx="%.1f" cy="%.1f" r="2.5" fill="%s"/>' % (*p, color) for p in points]
         parts.append(f'<text x="{width - 140}" y="{30 + 14 * k}" fill="{color}">{method}</text>')
     parts.append(f'<text x="{pad + (width - pad - 150) / 2}" y="{height - 12}" text-anchor="middle">sparsity of the '
-                 'decoder matrices; PTB test perplexity (log); dashed: dense</text>')
+                 'decoder matrices; PTB test perplexity (log); dashed: dense, dotted: dense trained as long as IMP</text>')
     parts.append("</svg>")
     path.write_text("\n".join(parts) + "\n")
     return path
