@@ -261,7 +261,7 @@ KEY = ("method", "seed", "sparsity_target")
 def markdown(result: dict) -> str:
     """Mean PTB test perplexity per method and sparsity (min-max over seeds when several)."""
     rows = result["rows"]
-    sparsities = sorted({r["sparsity_target"] for r in rows if r["method"] != "dense"})
+    sparsities = sorted({r["sparsity_target"] for r in rows if r["method"] not in ("dense", "dense-long")})
     dense = [r["ppl"] for r in rows if r["method"] == "dense"]
     head = "| method | trainings | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |"
     lines = [head, "|" + "---|" * (2 + len(sparsities))]
@@ -370,7 +370,7 @@ def plot_svg(result: dict, path: Path) -> Path:
     width, height, pad = 560, 360, 50
     palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
                "#17becf", "#000000"]
-    sparsities = sorted({r["sparsity_target"] for r in rows if r["method"] != "dense"})
+    sparsities = sorted({r["sparsity_target"] for r in rows if r["method"] not in ("dense", "dense-long")})
     ppls = [r["ppl"] for r in rows if math.isfinite(r["ppl"])]
     lo, hi = math.log(min(ppls)), math.log(min(max(ppls), 1e5))
     hi = hi if hi > lo else lo + 1
