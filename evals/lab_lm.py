@@ -376,7 +376,7 @@ def plot_svg(result: dict, path: Path) -> Path:
     hi = hi if hi > lo else lo + 1
 
     def xy(i, ppl):
-        x = pad + (i + 0.5) / len(sparsities) * (width - pad - 150)
+        x = pad + (i + 0.5) / max(1, len(sparsities)) * (width - pad - 150)
         y = 20 + (height - pad - 20) * (1 - (min(math.log(ppl), hi) - lo) / (hi - lo))
         return x, y
 
