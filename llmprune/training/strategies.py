@@ -485,8 +485,42 @@ def _module_of(model: nn.Module, weight_name: str) -> nn.Module:
     return model.get_submodule(weight_name.rsplit(".", 1)[0])
 
 
+class _HardConcreteLagrangian:
+    """What the two L0 strategies share: hard-concrete gates from ``log_alpha`` tensors (every
+    entry of ``params`` but the multipliers), the multipliers ``lambda1`` / ``lambda2``
+    (maximised), the target ramp and the Lagrangian term. The subclass gives
+    ``expected_sparsity()`` and the fields ``sparsity``, ``warmup``, ``beta``, ``gate_lr``,
+    ``lambda_lr``, ``step``, ``finished``."""
+
+    @staticmethod
+    def _multipliers(device) -> dict[str, Tensor]:
+        return {"lambda1": torch.zeros((), device=device), "lambda2": torch.zeros((), device=device)}
+
+    def _optimizer_groups(self):
+        gate_names = [n for n in self.params if not n.startswith("lambda")]
+        return [(gate_names, self.gate_lr, False), (["lambda1", "lambda2"], self.lambda_lr, True)]
+
+    def _sample(self, log_alpha: Tensor, training: bool) -> Tensor:
+        """A sampled gate in training, the deterministic one in evaluation."""
+        if training:
+            return gates.hard_concrete(log_alpha, gates.sample_noise(log_alpha), self.beta)
+        return gates.hard_concrete_deterministic(log_alpha)
+
+    def target_at(self, step: int) -> float:
+        return gates.warmup_target(step, self.sparsity, self.warmup)
+
+    def regularizer(self):
+        if self.finished or not self.params:
+            return None
+        s = self.expected_sparsity()
+        t = self.target_at(self.step)
+        l1, l2 = self.params["lambda1"], self.params["lambda2"]
+        return gates.lagrangian(s, t, l1, l2), {"expected_sparsity": float(s.detach()), "target_sparsity": t,
+                                                "lambda1": float(l1.detach()), "lambda2": float(l2.detach())}
+
+
 @dataclass
-class L0Gates(GatedStrategy):
+class L0Gates(_HardConcreteLagrangian, GatedStrategy):
     """L0 regularisation with hard-concrete gates (Louizos et al. 2018), one gate per weight of
     every masked matrix, driven to ``sparsity`` by CoFi's Lagrangian (Xia et al. 2022).
 
@@ -526,25 +560,15 @@ class L0Gates(GatedStrategy):
         params = {f"log_alpha:{n}": torch.full(p.shape, float(self.init), device=p.device)
                   for n, (p, _) in masks.weights.items()}
         device = next(iter(params.values())).device if params else torch.device("cpu")
-        return {**params, "lambda1": torch.zeros((), device=device), "lambda2": torch.zeros((), device=device)}
-
-    def _optimizer_groups(self):
-        gate_names = [n for n in self.params if n.startswith("log_alpha:")]
-        return [(gate_names, self.gate_lr, False), (["lambda1", "lambda2"], self.lambda_lr, True)]
+        return {**params, **self._multipliers(device)}
 
     def _log_alpha(self, name: str) -> Tensor:
         return self.params[f"log_alpha:{name}"]
 
     def _install(self, masks: MaskSet) -> list:
-        def gate(name):
-            def value(training: bool) -> Tensor:
-                la = self._log_alpha(name)
-                if training:
-                    return gates.hard_concrete(la, gates.sample_noise(la), self.beta)
-                return gates.hard_concrete_deterministic(la)
-            return value
-
-        return [gated.gate_weight(_module_of(self.model, n), gate(n)) for n in masks.weights]
+        return [gated.gate_weight(_module_of(self.model, n),
+                                  lambda training, n=n: self._sample(self._log_alpha(n), training))
+                for n in masks.weights]
 
     def expected_sparsity(self) -> Tensor:
         """``1 - sum P(z != 0) / N`` over every gate (0-dim, differentiable in ``log_alpha``)."""
@@ -552,19 +576,6 @@ class L0Gates(GatedStrategy):
         total = sum(t.numel() for t in alphas)
         open_ = sum(gates.prob_nonzero(t, self.beta).sum().to(alphas[0].device) for t in alphas)
         return 1.0 - open_ / total
-
-    def target_at(self, step: int) -> float:
-        return gates.warmup_target(step, self.sparsity, self.warmup)
-
-    def regularizer(self):
-        if self.finished or not self.params:
-            return None
-        s = self.expected_sparsity()
-        t = self.target_at(self.step)
-        l1, l2 = self.params["lambda1"], self.params["lambda2"]
-        term = gates.lagrangian(s, t, l1, l2)
-        return term, {"expected_sparsity": float(s.detach()), "target_sparsity": t,
-                      "lambda1": float(l1.detach()), "lambda2": float(l2.detach())}
 
     def _finish(self, masks: MaskSet, optimizer) -> None:
         scores = {n: self._log_alpha(n).detach() for n in masks.weights}
@@ -692,7 +703,7 @@ def parse_structure(text: str) -> tuple[str, ...]:
 
 
 @dataclass
-class StructuredL0(GatedStrategy):
+class StructuredL0(_HardConcreteLagrangian, GatedStrategy):
     """Structured L0 gates (CoFi / Sheared-LLaMA): one hard-concrete gate per KV group
     (``"heads"``), per FFN channel (``"ffn"``) and per decoder layer (``"layers"``), on the
     groups ``llmprune.structured.groups.find_groups`` finds.
@@ -773,16 +784,7 @@ class StructuredL0(GatedStrategy):
         device = next(self.groups.layers[0].parameters()).device
         if "layers" in self.structure:
             params["layers"] = torch.full((len(self.groups.layers),), float(self.init), device=device)
-        return {**params, "lambda1": torch.zeros((), device=device), "lambda2": torch.zeros((), device=device)}
-
-    def _optimizer_groups(self):
-        gate_names = [n for n in self.params if not n.startswith("lambda")]
-        return [(gate_names, self.gate_lr, False), (["lambda1", "lambda2"], self.lambda_lr, True)]
-
-    def _sample(self, log_alpha: Tensor, training: bool) -> Tensor:
-        if training:
-            return gates.hard_concrete(log_alpha, gates.sample_noise(log_alpha), self.beta)
-        return gates.hard_concrete_deterministic(log_alpha)
+        return {**params, **self._multipliers(device)}
 
     def _install(self, masks: MaskSet) -> list:
         removers = []
@@ -817,15 +819,6 @@ class StructuredL0(GatedStrategy):
                 layer_size = layer_size * gates.prob_nonzero(self.params["layers"][i], self.beta)
             expected = expected + layer_size
         return 1.0 - expected / total
-
-    def regularizer(self):
-        if self.finished or not self.params:
-            return None
-        s = self.expected_sparsity()
-        t = gates.warmup_target(self.step, self.sparsity, self.warmup)
-        l1, l2 = self.params["lambda1"], self.params["lambda2"]
-        return gates.lagrangian(s, t, l1, l2), {"expected_sparsity": float(s.detach()), "target_sparsity": t,
-                                                "lambda1": float(l1.detach()), "lambda2": float(l2.detach())}
 
     def _finish(self, masks: MaskSet, optimizer) -> None:
         n = len(self.groups.layers)
