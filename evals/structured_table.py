@@ -340,7 +340,7 @@ def main() -> None:
         args.speed_sizes = [float(x) for x in args.speed_sizes.split(",")]
         result = {"protocol": f"CPU fp32, {args.threads} torch threads; dense and pruned timed in turns, median of "
                               f"{args.repeats}; decode {args.new_tokens} new tokens after a 16-token prompt; machine "
-                              f"shared with two other jobs", "versions": library_versions(),
+                              f"1-minute load average {os.getloadavg()[0]:.2f} at the start", "versions": library_versions(),
                   "commands": ["python " + " ".join(os.sys.argv)]}
         speed_interleaved(result, model, groups, data.get_eval_tokens("ptb", tokenizer, seqlen=args.seqlen), args)
         return
