@@ -106,7 +106,7 @@ def _validate(config: FinetuneConfig) -> None:
     from llmprune.runtime import devices
     from llmprune.training.criteria import SCOPES
     from llmprune.training.sparse_methods import DISTRIBUTIONS
-    from llmprune.training.strategies import METHODS, MOVEMENT_MODES, NOT_BUILT
+    from llmprune.training.strategies import METHODS, MOVEMENT_MODES
 
     if not config.model:
         raise UsageError("--model is required: a pruned checkpoint folder, Hub id, .gguf file or alias")
@@ -125,8 +125,6 @@ def _validate(config: FinetuneConfig) -> None:
         raise UsageError(f"--distill-weight must be in [0, 1], got {config.distill_weight!r}")
     if not config.distill_temp > 0:
         raise UsageError(f"--distill-temp must be > 0, got {config.distill_temp!r}")
-    if config.method in NOT_BUILT:
-        raise UsageError(f"--method {config.method} is not built yet; valid: {', '.join(METHODS)}")
     if config.method not in METHODS:
         raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {config.method!r}")
     if config.method == "imp":

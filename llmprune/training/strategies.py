@@ -929,5 +929,3 @@ def make_l0(*, model, sparsity: float, steps: int, prune_end: int | None = None,
 # method name -> constructor(model=, schedule=, pattern=, scope=, sparsity=, steps=, rigl_*=, imp_targets=, imp_rate=, rewind=,
 # movement_*=, gate_lr=, l0_*=, prune_end=) of its strategy
 METHODS = {"gmp": make_gmp, "imp": make_imp, "l0": make_l0, "movement": make_movement, "rigl": make_rigl}
-# methods of the fixed interface (issue #13) that are not built yet: refused with a UsageError
-NOT_BUILT: tuple[str, ...] = ()
